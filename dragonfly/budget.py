@@ -67,7 +67,7 @@ class ImageTokenLayout:
 
     def per_level(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
-        for level, n in zip(self.crop_levels, self.tokens_per_crop):
+        for level, n in zip(self.crop_levels, self.tokens_per_crop, strict=True):
             entry = out.setdefault(level, {"crops": 0, "tokens_per_crop": n, "tokens": 0})
             entry["crops"] += 1
             entry["tokens"] += n
