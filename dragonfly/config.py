@@ -30,7 +30,8 @@ class ConfigError(ValueError):
     """A configuration that cannot work; raised before any work starts."""
 
 
-def _from_dict(cls, data: dict[str, Any]):
+def config_from_dict(cls, data: dict[str, Any]):
+    """Build a config dataclass from a JSON dict, rejecting unknown keys with the known ones listed."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -82,7 +83,9 @@ class ZoomConfig:
         counts = {c * r for c, r in self.medium_grids}
         if len(counts) != 1:
             # Fixed-shape crop arrays (and fixed token counts) need every candidate to tile alike.
-            raise ConfigError(f"zoom.medium_grids must all have the same number of tiles, got {self.medium_grids}")
+            raise ConfigError(
+                f"zoom.medium_grids must all have the same number of tiles, got {self.medium_grids}"
+            )
         if any(c <= 0 or r <= 0 for c, r in self.medium_grids):
             raise ConfigError(f"zoom.medium_grids must be positive, got {self.medium_grids}")
         if self.high_scale < 1:
@@ -115,7 +118,7 @@ class ZoomConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ZoomConfig:
-        return _from_dict(cls, data)
+        return config_from_dict(cls, data)
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,7 @@ class TokenConfig:
         data = dict(data)
         if isinstance(data.get("tokens"), dict):
             data["tokens"] = tuple(data["tokens"].items())
-        return _from_dict(cls, data)
+        return config_from_dict(cls, data)
 
 
 __all__ = [
@@ -179,6 +182,7 @@ __all__ = [
     "PAPER_MEDIUM_GRIDS",
     "PAPER_TOKEN_CHOICES",
     "ConfigError",
+    "config_from_dict",
     "ZoomConfig",
     "TokenConfig",
 ]

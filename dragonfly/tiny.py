@@ -92,8 +92,4 @@ def build_tiny_tokenizer(extra_texts: Iterable[str] = ()) -> PreTrainedTokenizer
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Tiny models (added by the model helper through the lead).
-
-
 __all__ = ["build_tiny_tokenizer", "LLAMA3_STYLE_CHAT_TEMPLATE", "TINY_CORPUS", "SPECIAL_TOKENS"]

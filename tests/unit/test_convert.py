@@ -1,0 +1,159 @@
+"""dragonfly.convert: HF CLIP -> open_clip tower, and a tiny checkpoint in the released layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+from dragonfly.convert import (
+    clip_vision_to_open_clip,
+    convert_released_checkpoint,
+    load_clip_vision_weights,
+    main,
+)
+from dragonfly.model import TINY_VIT_CONFIG, DragonflyConfig, DragonflyModel, tiny_llama_config
+from dragonfly.vision import VisionConfig, VisionTower
+
+VOCAB, IMAGE_ID = 96, 95
+VIT = TINY_VIT_CONFIG["vision_cfg"]
+
+
+def tiny_hf_clip(seed: int = 0) -> CLIPVisionModel:
+    """Random HF CLIP vision model shaped like the tiny open_clip config (3 blocks, QuickGELU)."""
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=VIT["width"],
+        intermediate_size=4 * VIT["width"],
+        num_hidden_layers=VIT["layers"],
+        num_attention_heads=VIT["width"] // VIT["head_width"],
+        image_size=VIT["image_size"],
+        patch_size=VIT["patch_size"],
+        hidden_act="quick_gelu",
+    )
+    model = CLIPVisionModel(config).eval()
+    with torch.no_grad():  # HF zero-inits biases and ones-inits norms: randomise so a mix-up shows
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def released_layout(hf_clip: CLIPVisionModel, llm: LlamaForCausalLM, projector: torch.nn.Linear) -> dict:
+    state = {
+        f"image_encoder.vision_model.{k.removeprefix('vision_model.')}": v
+        for k, v in hf_clip.state_dict().items()
+    }
+    state |= {f"vision_embed_tokens.{k}": v for k, v in projector.state_dict().items()}
+    state |= {f"language_model.{k}": v for k, v in llm.state_dict().items()}
+    return state
+
+
+def tiny_llm(seed: int = 1) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    settings = tiny_llama_config(VOCAB)
+    settings.pop("model_type")
+    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+
+def test_converted_tower_matches_hf_hidden_states_minus_2():
+    hf = tiny_hf_clip()
+    tower = VisionTower(
+        VisionConfig(model_name="dragonfly-tiny-vit", pretrained=None, model_config=TINY_VIT_CONFIG)
+    )
+    dropped = load_clip_vision_weights(tower, hf.state_dict())
+    # The last block and the final norm are what the penultimate-layer features never use.
+    assert any(k.startswith(f"transformer.resblocks.{VIT['layers'] - 1}.") for k in dropped)
+    assert {"ln_post.weight", "ln_post.bias"} <= set(dropped)
+
+    crops = torch.randint(0, 256, (5, 3, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        cls, patches = tower.eval()(crops)
+        reference = hf(pixel_values=tower.normalize(crops), output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(cls, reference[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(patches, reference[:, 1:], atol=1e-5, rtol=0)
+    # And not the last layer: the comparison above would fail against the wrong hidden state.
+    assert (patches - hf(pixel_values=tower.normalize(crops)).last_hidden_state[:, 1:]).abs().max() > 1e-3
+
+
+def test_qkv_are_packed_in_q_k_v_order():
+    hf = tiny_hf_clip()
+    state = hf.state_dict()
+    converted = clip_vision_to_open_clip(state)
+    packed = converted["transformer.resblocks.0.attn.in_proj_weight"]
+    width = VIT["width"]
+    for i, name in enumerate("qkv"):
+        key = next(k for k in state if k.endswith(f"layers.0.self_attn.{name}_proj.weight"))
+        assert torch.equal(packed[i * width : (i + 1) * width], state[key])
+
+
+def test_tower_with_other_depth_is_refused():
+    hf = tiny_hf_clip()
+    deeper = dict(TINY_VIT_CONFIG, vision_cfg=dict(VIT, layers=4))
+    tower = VisionTower(VisionConfig(model_name="dragonfly-tiny-vit-4", pretrained=None, model_config=deeper))
+    with pytest.raises(ValueError, match="3 blocks"):
+        load_clip_vision_weights(tower, hf.state_dict())
+
+
+def test_unknown_clip_tensor_is_refused():
+    state = dict(tiny_hf_clip().state_dict())
+    state["encoder.layers.0.self_attn.rotary.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="rotary"):
+        clip_vision_to_open_clip(state)
+
+
+def _released_fixture():
+    hf, llm = tiny_hf_clip(), tiny_llm()
+    torch.manual_seed(2)
+    projector = torch.nn.Linear(VIT["width"], llm.config.hidden_size)
+    return hf, llm, projector, released_layout(hf, llm, projector)
+
+
+def test_released_checkpoint_converts_into_dragonfly_model():
+    hf, llm, projector, state = _released_fixture()
+    config = DragonflyConfig.tiny(VOCAB, IMAGE_ID)
+    model = convert_released_checkpoint(state, config).eval()
+
+    assert torch.equal(model.projector.proj.weight, projector.weight)
+    assert torch.equal(model.projector.proj.bias, projector.bias)
+    for key, value in llm.state_dict().items():
+        assert torch.equal(model.llm.state_dict()[key], value), key
+    # The converted model's image block uses the HF tower's penultimate features, projected.
+    pixels = torch.randint(0, 256, (1, config.layout.n_crops, 3, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        blocks = model.encode_images(pixels)
+        hidden = hf(pixel_values=model.vision.normalize(pixels[0]), output_hidden_states=True).hidden_states[
+            -2
+        ]
+    first_cls = projector(hidden[0, 0])  # the low crop's CLS row opens the block
+    torch.testing.assert_close(blocks[0, 0], first_cls, atol=1e-5, rtol=0)
+
+
+def test_released_checkpoint_with_stray_tensor_is_refused():
+    *_, state = _released_fixture()
+    state["mm_projector.weight"] = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="mm_projector"):
+        convert_released_checkpoint(state, DragonflyConfig.tiny(VOCAB, IMAGE_ID))
+
+
+def test_cli_converts_a_sharded_checkpoint(tmp_path):
+    hf, llm, projector, state = _released_fixture()
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    keys = sorted(state)
+    # Two shards, like the released files (safetensors, never pickles).
+    safetensors.torch.save_file(
+        {k: state[k].contiguous() for k in keys[::2]}, str(src / "model-00001-of-00002.safetensors")
+    )
+    safetensors.torch.save_file(
+        {k: state[k].contiguous() for k in keys[1::2]}, str(src / "model-00002-of-00002.safetensors")
+    )
+    config_path = tmp_path / "ours.json"
+    config_path.write_text(DragonflyConfig.tiny(VOCAB, IMAGE_ID).to_json())
+
+    assert main([str(src), str(dst), "--config", str(config_path)]) == 0
+    model = DragonflyModel.from_pretrained(dst)
+    assert torch.equal(model.projector.proj.weight, projector.weight)
+    assert json.loads((dst / "config.json").read_text())["vision"]["pretrained"] is None
