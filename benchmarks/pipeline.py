@@ -1,0 +1,235 @@
+"""Throughput and memory of the Ray Data pipeline against the crop engine alone, on the same cores.
+
+    python benchmarks/pipeline.py [--samples 2000 --cpus 2 --resolution 336 --object-store-gib 2]
+
+1. Writes the demo dataset and a manifest of ``--samples`` image records cycling through its images
+   (text-only records left out, so both sides do the same work per sample).
+2. Crop engine alone: ``--cpus`` processes (one torch thread each) read each file and call
+   ``dragonfly.zoom.make_crops``; samples/s over ``--baseline-samples``.
+3. The whole pipeline on a local Ray with ``--cpus`` CPUs: manifest -> tokenize -> fetch -> crops ->
+   ``iter_train_batches`` (collate) into a consumer that touches every batch; samples/s, the
+   object store's peak use and spilled bytes (polled from the raylet), bytes per sample.
+
+Target (issue 4): the pipeline keeps at least 80% of the crop engine's rate and spills nothing.
+Prints a table and writes JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+from dragonfly_platform.data import BadRecordLog, DataConfig, build_dataset, iter_train_batches
+from dragonfly_platform.demo_data import write_demo_dataset
+from dragonfly_platform.manifest import read_manifest
+from dragonfly_platform.services import LOOPBACK_ONLY_ENV, start_ray_head
+
+from dragonfly.config import TokenConfig, ZoomConfig
+from dragonfly.processor import DragonflyProcessor
+from dragonfly.tiny import build_tiny_tokenizer
+
+
+def make_manifest(folder: Path, n_samples: int, seed: int) -> Path:
+    write_demo_dataset(folder, n_train=70, n_val=0, seed=seed)
+    images = [r for r in read_manifest(str(folder / "train.jsonl")) if r.has_image]
+    path = folder / "bench.jsonl"
+    with open(path, "w") as f:
+        for i in range(n_samples):
+            record = images[i % len(images)]
+            f.write(
+                json.dumps({"id": f"s{i}", "image": record.image, "conversations": record.conversations})
+                + "\n"
+            )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Crop engine alone
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _crop_file(args: tuple[str, ZoomConfig]) -> int:
+    from dragonfly.zoom import make_crops
+
+    path, zoom = args
+    with open(path, "rb") as f:
+        return make_crops(f.read(), zoom, source=path).pixels.nbytes
+
+
+def crop_engine_rate(paths: list[str], zoom: ZoomConfig, cpus: int) -> dict:
+    with get_context("spawn").Pool(cpus, initializer=_init_worker) as pool:
+        pool.map(_crop_file, [(paths[0], zoom)] * cpus)  # warm up imports in every worker
+        start = time.perf_counter()
+        pool.map(_crop_file, [(p, zoom) for p in paths], chunksize=4)
+        elapsed = time.perf_counter() - start
+    return {"samples": len(paths), "seconds": elapsed, "samples_per_s": len(paths) / elapsed}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline
+
+
+class StoreMonitor:
+    """Polls the raylet for object-store bytes in use and bytes spilled."""
+
+    def __init__(self, interval_s: float = 0.25):
+        import ray
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        self._state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        self._reply = get_memory_info_reply
+        self.interval_s = interval_s
+        self.peak_used = 0
+        self.spilled = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        stats = self._reply(self._state).store_stats
+        self.peak_used = max(self.peak_used, stats.object_store_bytes_used)
+        self.spilled = max(self.spilled, stats.spilled_bytes_total)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> StoreMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def pipeline_rate(manifest: Path, processor: DragonflyProcessor, args, out_dir: str) -> dict:
+    config = DataConfig(
+        train_manifest=str(manifest),
+        # The crop tasks get the cores; tokenizing and fetching are light and overlap with them.
+        preprocess_num_cpus=(args.cpus - 0.2) / args.cpus,
+        tokenize_num_cpus=0.1,
+        fetch_num_cpus=0.1,
+        rows_per_block=args.rows_per_block,
+    )
+    ds, n_rows = build_dataset(config, processor, "train")
+    log = BadRecordLog.for_rank(config, out_dir, "train", rank=0)
+    samples = pixel_bytes = token_bytes = 0
+    first_batch_at = None
+    with StoreMonitor() as monitor:
+        start = time.perf_counter()
+        for batch in iter_train_batches(
+            ds, args.batch_size, processor.pad_token_id, log, zoom=processor.zoom
+        ):
+            if first_batch_at is None:
+                first_batch_at = time.perf_counter()
+            n = len(batch["ids"])
+            samples += n
+            token_bytes += int(batch["attention_mask"].sum()) * 2 * 4  # input ids + labels, int32 on the wire
+            if "pixels" in batch:
+                pixel_bytes += batch["pixels"].numel()
+                # Touch every crop (one byte per 4 KiB): a model moves uint8 to the device as is.
+                int(batch["pixels"].view(-1)[::4096].sum())
+        elapsed = time.perf_counter() - start
+    steady = (
+        (samples - args.batch_size) / (time.perf_counter() - first_batch_at)
+        if samples > args.batch_size
+        else 0.0
+    )
+    return {
+        "samples": samples,
+        "bad_records": log.bad,
+        "seconds": elapsed,
+        "samples_per_s": samples / elapsed,
+        "steady_samples_per_s": steady,
+        "bytes_per_sample": (pixel_bytes + token_bytes) / max(samples, 1),
+        "peak_object_store_bytes": monitor.peak_used,
+        "spilled_bytes": monitor.spilled,
+        "n_rows": n_rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--baseline-samples", type=int, default=400)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--resolution", type=int, default=336)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rows-per-block", type=int, default=4)
+    parser.add_argument("--object-store-gib", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/pipeline.json")
+    args = parser.parse_args(argv)
+
+    zoom = ZoomConfig(resolution=args.resolution)
+    processor = DragonflyProcessor(build_tiny_tokenizer(), zoom, TokenConfig(), max_length=4096)
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        manifest = make_manifest(Path(tmp) / "data", args.samples, args.seed)
+        paths = [str(Path(tmp) / "data" / r.image) for r in read_manifest(str(manifest))]
+        baseline = crop_engine_rate(paths[: args.baseline_samples], zoom, args.cpus)
+        # A head of our own with every port free-chosen: concurrent Ray instances on one machine
+        # otherwise collide on fixed default ports (the dashboard agent's 52365).
+        head = start_ray_head(num_cpus=args.cpus, object_store_memory=int(args.object_store_gib * 1024**3))
+        os.environ.update({k: v for k, v in head.env().items() if k != "RAY_ADDRESS"})
+        os.environ[LOOPBACK_ONLY_ENV] = "0"  # connect on loopback, where the head listens
+        import ray  # after these variables: Ray reads them at import
+
+        try:
+            ray.init(address=head.address, log_to_driver=False)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            pipeline = pipeline_rate(manifest, processor, args, tmp)
+        finally:
+            ray.shutdown()
+            head.stop()
+
+    result = {
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "n_tiles": zoom.n_tiles,
+        "crop_engine_alone": baseline,
+        "pipeline": pipeline,
+        "pipeline_over_crop_engine": pipeline["samples_per_s"] / baseline["samples_per_s"],
+        "steady_pipeline_over_crop_engine": pipeline["steady_samples_per_s"] / baseline["samples_per_s"],
+        "machine": {"cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+    mib = 1024**2
+    print(f"{'measure':<44}{'value':>14}")
+    print("-" * 58)
+    rows = [
+        ("crop engine alone (samples/s)", f"{baseline['samples_per_s']:.2f}"),
+        ("pipeline end to end (samples/s)", f"{pipeline['samples_per_s']:.2f}"),
+        ("pipeline after first batch (samples/s)", f"{pipeline['steady_samples_per_s']:.2f}"),
+        ("pipeline / crop engine", f"{result['pipeline_over_crop_engine']:.0%}"),
+        ("pipeline / crop engine, steady", f"{result['steady_pipeline_over_crop_engine']:.0%}"),
+        ("bytes per sample (MiB)", f"{pipeline['bytes_per_sample'] / mib:.2f}"),
+        ("peak object store (MiB)", f"{pipeline['peak_object_store_bytes'] / mib:.0f}"),
+        ("spilled (MiB)", f"{pipeline['spilled_bytes'] / mib:.0f}"),
+        ("samples", f"{pipeline['samples']}"),
+    ]
+    for name, value in rows:
+        print(f"{name:<44}{value:>14}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Run a Ray Tune sweep over a training recipe: one Ray Train run per trial, ASHA early stopping.
+
+    python jobs/sweep.py --config jobs/configs/sweep_pooling_tiny.yaml --num-cpus 4
+    ray job submit --working-dir . -- python jobs/sweep.py --config jobs/configs/sweep_pooling.yaml
+
+Every trial's run config is validated before anything starts. Rerunning the same command continues
+an interrupted sweep from its saved state (finished trials are not run again). Results: the MLflow
+parent run's ``results/`` artifacts and ``<storage>/sweeps/<name>/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dragonfly_platform.config import ConfigError
+from dragonfly_platform.tune import load_base, load_sweep_config, validate_sweep
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", required=True, help="a sweep recipe, e.g. jobs/configs/sweep_pooling.yaml"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a sweep key (num_samples=4) or a trial override (overrides.train.max_steps=8)",
+    )
+    parser.add_argument("--num-cpus", type=float, help="logical CPUs of a local Ray started here")
+    parser.add_argument("--dry-run", action="store_true", help="validate every trial config and stop")
+    args = parser.parse_args(argv)
+    try:
+        sweep = load_sweep_config(args.config, args.overrides)
+        configs = validate_sweep(sweep, load_base(sweep))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(f"{sweep.name}: {len(configs)} trial configs valid")
+        return 0
+
+    import ray
+    from dragonfly_platform.tune import run_sweep
+
+    if not ray.is_initialized():
+        # Join the cluster `ray job submit` (or RAY_ADDRESS) points at; with none running, start one.
+        try:
+            ray.init(address="auto")
+        except ConnectionError:
+            ray.init(num_cpus=args.num_cpus)
+    try:
+        rows, paths = run_sweep(sweep)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for row in rows:
+        print({k: v for k, v in row.items() if v is not None})
+    print(f"results: {paths['csv']}\nplot:    {paths['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,491 @@
+"""The Ray Data pipeline: manifest records in, fixed-shape crops and token ids out.
+
+Stages (each a Ray Data operator, all on CPU nodes)::
+
+    manifest rows (this rank's share, from the caller)       from_items
+      -> validate + tokenize (processor.encode)               map_batches, tasks (processor cached per worker)
+      -> fetch image bytes (threads, s3fs / local)            map_batches, tasks
+      -> decode + crops (dragonfly.zoom.make_crops)           map_batches, tasks
+      -> consumer in the train worker: drop + log bad rows, collate (pad to the batch's longest)
+
+Validation comes first so that malformed or too-long records never cost image I/O. A record that
+cannot become a sample does not raise inside Ray: its row carries ``bad_reason`` / ``bad_message``
+and flows to the consumer, which owns the rank's bad-records file (the map tasks run in other
+processes, on other nodes). The only errors that stop the pipeline are the ones no skipping can
+fix: an unreachable object store and ``max_bad_fraction`` crossed.
+
+Exact resume: the rows of an epoch are a seeded permutation of the manifest; global position ``p``
+goes to rank ``p % world_size``; a rank keeps its rows from local index ``start`` on (a metadata
+filter before any I/O) and the dataset runs with ``preserve_order``, so the consumer sees them in
+local-index order and ``last local_index + 1`` is the exact position to resume from.
+
+Row schema (pyarrow)::
+
+    id: string, local_index: int64, source: string, has_image: bool,
+    input_ids: list<int32>, labels: list<int32>,
+    pixels: large_binary   # exactly n_tiles*3*R*R bytes (uint8 (n_tiles, 3, R, R), C order) for image
+                           # rows, 0 bytes for text-only and bad rows
+    bad_reason: string (null when good), bad_message: string
+
+Pixels travel as a fixed-length binary field rather than a tensor column: every image row has the
+same size (13.9 MB at R=336, 41 crops), text-only rows cost nothing, and the consumer views the bytes
+as the array without a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from dragonfly.config import ZoomConfig
+from dragonfly.processor import DragonflyProcessor, RecordError, collate
+from dragonfly_platform.manifest import ManifestRecord, read_manifest
+from dragonfly_platform.storage import StorageConfig, join, parent
+
+Split = Literal["train", "val"]
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("local_index", pa.int64()),
+        ("source", pa.string()),
+        ("has_image", pa.bool_()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("pixels", pa.large_binary()),
+        ("bad_reason", pa.string()),
+        ("bad_message", pa.string()),
+    ]
+)
+
+
+class TooManyBadRecords(RuntimeError):
+    """More than ``max_bad_fraction`` of the records seen were bad."""
+
+
+class DataConfig(BaseModel):
+    """Where the data is and how the pipeline runs. Composed into the training run config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_manifest: str
+    val_manifest: str | None = None
+    # Folder or s3:// prefix the manifests' image paths are relative to; None: the manifest's folder.
+    image_root: str | None = None
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    # Placement of the crop work (the CPU-heavy stage). On a cluster with CPU and GPU node groups,
+    # give CPU nodes a custom resource (``ray start --resources='{"cpu_preprocess": 1000}'``) and
+    # set ``preprocess_resources: {cpu_preprocess: 0.001}``, or label them (``ray start
+    # --labels=dragonfly/node-role=cpu``) and set ``preprocess_label_selector``; both apply to
+    # every preprocessing stage. Unset (local runs): anywhere.
+    preprocess_resources: dict[str, float] = Field(default_factory=dict)
+    preprocess_label_selector: dict[str, str] | None = None
+    preprocess_num_cpus: float = 1.0  # per crop task
+    preprocess_concurrency: int | None = None  # max concurrent crop tasks; None: as many as fit
+    tokenize_concurrency: int | None = 1  # tokenizing is ~1 ms/sample: one task feeds many crop tasks
+    tokenize_num_cpus: float = 0.25
+    fetch_num_cpus: float = 0.25  # I/O bound
+    fetch_threads: int = 16  # concurrent reads per fetch task
+
+    # Rows per crop batch, i.e. per output block: 4 rows of 13.9 MB keep blocks near the 64 MB
+    # range Ray Data likes, so the object store holds a few blocks per stage, not whole shards.
+    rows_per_block: int = 4
+    read_block_rows: int = 64  # rows per input (metadata) block
+    prefetch_batches: int = 2
+
+    max_bad_fraction: float = 0.05
+    # The fraction is only judged after this many records (or at the end of the stream).
+    min_records_for_bad_fraction: int = 100
+    shuffle_seed: int = 0
+
+    def manifest(self, split: Split) -> str:
+        path = self.train_manifest if split == "train" else self.val_manifest
+        if path is None:
+            raise ValueError(f"data config has no {split}_manifest")
+        return path
+
+    def image_root_for(self, manifest_path: str) -> str:
+        return self.image_root if self.image_root is not None else parent(manifest_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which rows a rank gets
+
+
+def rank_indices(n_records: int, *, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool = True):
+    """Manifest indices of ``rank``'s rows for ``epoch``, in the order it consumes them.
+
+    A seeded permutation per (seed, epoch); global position ``p`` goes to rank ``p % world_size``, so
+    the ranks partition the records and their sizes differ by at most one.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    order = np.random.default_rng([seed, epoch]).permutation(n_records) if shuffle else np.arange(n_records)
+    return order[rank::world_size]
+
+
+@lru_cache(maxsize=4)
+def _cached_manifest(path: str, storage: StorageConfig) -> tuple[ManifestRecord, ...]:
+    # Each epoch rebuilds the rank's dataset; the manifest is read once per worker process.
+    return tuple(read_manifest(path, storage))
+
+
+def build_rank_dataset(
+    data_cfg: DataConfig,
+    processor: DragonflyProcessor | str | os.PathLike,
+    split: Split,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    seed: int | None = None,
+    start: int = 0,
+    shuffle: bool = True,
+):
+    """This rank's rows of ``split`` for ``epoch`` from local index ``start`` on, as a Ray Dataset.
+
+    Returns ``(dataset, n_rows)``: ``n_rows`` is the rank's row count for the whole epoch (bad
+    records included, ``start`` not subtracted), what a progress bar or LR schedule needs. Call it
+    inside the train worker; iterate the dataset with ``iter_train_batches``.
+    """
+    import ray.data
+
+    if isinstance(processor, str | os.PathLike):
+        processor = DragonflyProcessor.from_pretrained(processor)
+    manifest_path = data_cfg.manifest(split)
+    records = _cached_manifest(manifest_path, data_cfg.storage)
+    seed = data_cfg.shuffle_seed if seed is None else seed
+    indices = rank_indices(
+        len(records), rank=rank, world_size=world_size, epoch=epoch, seed=seed, shuffle=shuffle
+    )
+    if start < 0 or start > len(indices):
+        raise ValueError(f"start {start} is outside this rank's {len(indices)} rows")
+
+    root = data_cfg.image_root_for(manifest_path)
+    rows = [
+        {**records[i].to_row(), "local_index": local, "manifest": manifest_path}
+        for local, i in enumerate(indices[start:].tolist(), start=start)
+    ]
+    if not rows:  # resumed at the very end of the epoch
+        return ray.data.from_arrow(ROW_SCHEMA.empty_table()), len(indices)
+
+    placement: dict[str, Any] = {}
+    if data_cfg.preprocess_resources:
+        placement["resources"] = dict(data_cfg.preprocess_resources)
+    if data_cfg.preprocess_label_selector:
+        placement["label_selector"] = dict(data_cfg.preprocess_label_selector)
+
+    ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / data_cfg.read_block_rows))
+    ds = ds.map_batches(
+        tokenize_rows,
+        fn_kwargs={"processor_ref": ray.put(processor), "image_root": root},
+        batch_size=data_cfg.read_block_rows,
+        batch_format="pyarrow",
+        concurrency=data_cfg.tokenize_concurrency,
+        num_cpus=data_cfg.tokenize_num_cpus,
+        **placement,
+    )
+    ds = ds.map_batches(
+        fetch_images,
+        fn_kwargs={"storage": data_cfg.storage, "threads": data_cfg.fetch_threads},
+        batch_size=data_cfg.rows_per_block,
+        batch_format="pyarrow",
+        num_cpus=data_cfg.fetch_num_cpus,
+        **placement,
+    )
+    ds = ds.map_batches(
+        make_crop_rows,
+        fn_kwargs={"zoom": processor.zoom},
+        batch_size=data_cfg.rows_per_block,
+        batch_format="pyarrow",
+        num_cpus=data_cfg.preprocess_num_cpus,
+        concurrency=data_cfg.preprocess_concurrency,
+        **placement,
+    )
+    # Local-index order out of the stream is what makes "last index + 1" an exact resume point.
+    ds.context.execution_options.preserve_order = True
+    return ds, len(indices)
+
+
+def build_dataset(
+    data_cfg: DataConfig,
+    processor: DragonflyProcessor | str | os.PathLike,
+    split: Split,
+    *,
+    shuffle: bool = False,
+):
+    """The whole split as one dataset in manifest order (evaluation, batch inference, benchmarks):
+    ``build_rank_dataset`` with one rank."""
+    return build_rank_dataset(data_cfg, processor, split, rank=0, world_size=1, shuffle=shuffle)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages (run in Ray workers)
+
+
+_PROCESSORS: dict[str, DragonflyProcessor] = {}
+
+
+def _processor(ref) -> DragonflyProcessor:
+    """The run's processor, deserialised once per worker process rather than once per task: Ray
+    reuses task workers, and a real tokenizer (Llama-3's 128k vocabulary) takes ~1 s to unpickle."""
+    key = ref.hex()
+    if key not in _PROCESSORS:
+        import ray
+
+        _PROCESSORS.clear()  # one run's processor at a time
+        _PROCESSORS[key] = ray.get(ref)
+    return _PROCESSORS[key]
+
+
+def tokenize_rows(batch: pa.Table, *, processor_ref, image_root: str) -> pa.Table:
+    """Validate each conversation and tokenize it; a ``RecordError`` makes the row bad with its reason."""
+    processor = _processor(processor_ref)
+    out: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
+    for row in batch.to_pylist():
+        has_image = row["image"] is not None
+        source = join(image_root, row["image"]) if has_image else f"{row['manifest']}:{row['line']}"
+        input_ids = labels = np.zeros(0, np.int32)
+        reason = message = None
+        try:
+            encoded = processor.encode(json.loads(row["conversations_json"]), has_image, record_id=row["id"])
+            input_ids, labels = encoded["input_ids"], encoded["labels"]
+        except RecordError as err:
+            reason, message = err.reason, str(err)
+        _append(out, row, source, has_image, input_ids, labels, b"", reason, message)
+    return pa.Table.from_pydict(out, schema=ROW_SCHEMA)
+
+
+def fetch_images(batch: pa.Table, *, storage: StorageConfig, threads: int) -> pa.Table:
+    """Add ``image_bytes`` for the good image rows, reading them concurrently. A missing object
+    makes the row bad (``missing_file``); an unreachable store raises."""
+    rows = batch.to_pylist()
+    wanted = [i for i, r in enumerate(rows) if r["has_image"] and r["bad_reason"] is None]
+    data: list[bytes | None] = [None] * len(rows)
+
+    def read(i: int) -> None:
+        try:
+            data[i] = storage.read_bytes(rows[i]["source"])
+        except (FileNotFoundError, IsADirectoryError) as err:
+            rows[i]["bad_reason"] = "missing_file"
+            rows[i]["bad_message"] = f"record {rows[i]['id']}: {type(err).__name__}: {rows[i]['source']}"
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(wanted)))) as pool:
+        list(pool.map(read, wanted))  # list(): re-raise StorageUnavailableError here
+    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    return table.append_column("image_bytes", pa.array(data, type=pa.large_binary()))
+
+
+def make_crop_rows(batch: pa.Table, *, zoom: ZoomConfig) -> pa.Table:
+    """Decode each fetched image and make its crops; undecodable or oversized images become bad rows
+    with the crop engine's reason (``truncated``, ``not_an_image``, ``too_many_pixels``, ...)."""
+    from dragonfly.zoom import ImageError, make_crops
+
+    image_bytes = batch.column("image_bytes").to_pylist()
+    rows = batch.drop_columns(["image_bytes"]).to_pylist()
+    expected = (zoom.n_tiles, 3, zoom.resolution, zoom.resolution)
+    pixels: list[bytes] = []
+    for row, data in zip(rows, image_bytes, strict=False):
+        if data is None or row["bad_reason"] is not None:
+            pixels.append(b"")
+            continue
+        try:
+            crops = make_crops(data, zoom, source=row["source"]).pixels  # (n_tiles, 3, R, R) uint8
+        except ImageError as err:
+            row["bad_reason"], row["bad_message"] = err.reason, f"record {row['id']}: {err}"
+            pixels.append(b"")
+            continue
+        if crops.shape != expected or crops.dtype != np.uint8:
+            raise AssertionError(
+                f"crop engine returned {crops.dtype} {crops.shape}, expected uint8 {expected}"
+            )
+        pixels.append(np.ascontiguousarray(crops).tobytes())
+    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA.remove(ROW_SCHEMA.get_field_index("pixels")))
+    return table.add_column(
+        ROW_SCHEMA.get_field_index("pixels"), "pixels", pa.array(pixels, pa.large_binary())
+    )
+
+
+def _append(out, row, source, has_image, input_ids, labels, pixels, reason, message) -> None:
+    out["id"].append(row["id"])
+    out["local_index"].append(row["local_index"])
+    out["source"].append(source)
+    out["has_image"].append(has_image)
+    out["input_ids"].append(np.asarray(input_ids, np.int32))
+    out["labels"].append(np.asarray(labels, np.int32))
+    out["pixels"].append(pixels)
+    out["bad_reason"].append(reason)
+    out["bad_message"].append(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Consumer side (in the train worker)
+
+
+class BadRecordLog:
+    """Counts good and bad records, appends bad ones to a JSONL file and enforces
+    ``max_bad_fraction``. One per rank and split; the file is appended to across epochs and
+    resumes, one line per bad record seen: ``{"id", "source", "reason", "message", "epoch"}``."""
+
+    def __init__(self, path: str | None, max_bad_fraction: float, min_records: int = 100, epoch: int = 0):
+        self.path = path
+        self.max_bad_fraction = max_bad_fraction
+        self.min_records = min_records
+        self.epoch = epoch
+        self.good = 0
+        self.reasons: Counter[str] = Counter()
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    @classmethod
+    def for_rank(
+        cls, data_cfg: DataConfig, out_dir: str, split: Split, rank: int, epoch: int = 0
+    ) -> BadRecordLog:
+        """The log of ``rank`` at ``out_dir/bad_records-<split>-rank<r>.jsonl`` (next to the run's outputs)."""
+        path = os.path.join(out_dir, f"bad_records-{split}-rank{rank}.jsonl")
+        return cls(path, data_cfg.max_bad_fraction, data_cfg.min_records_for_bad_fraction, epoch)
+
+    @property
+    def bad(self) -> int:
+        return sum(self.reasons.values())
+
+    @property
+    def seen(self) -> int:
+        return self.good + self.bad
+
+    def add_good(self) -> None:
+        self.good += 1
+
+    def add_bad(self, record_id: str, source: str, reason: str, message: str) -> None:
+        self.reasons[reason] += 1
+        if self.path:
+            entry = {
+                "id": record_id,
+                "source": source,
+                "reason": reason,
+                "message": message,
+                "epoch": self.epoch,
+            }
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        self.check(final=False)
+
+    def check(self, final: bool) -> None:
+        """Raise ``TooManyBadRecords`` once the bad fraction is over the limit (judged after
+        ``min_records`` records, or at the end of the stream)."""
+        if not self.seen or (not final and self.seen < self.min_records):
+            return
+        if self.bad / self.seen > self.max_bad_fraction:
+            by_reason = ", ".join(f"{r}: {n}" for r, n in self.reasons.most_common())
+            raise TooManyBadRecords(
+                f"{self.bad} of {self.seen} records were bad ({self.bad / self.seen:.1%}), over "
+                f"max_bad_fraction={self.max_bad_fraction:.1%}; by reason: {by_reason}. "
+                f"Records are listed in {self.path or '(no file)'}"
+            )
+
+    def summary(self) -> dict[str, Any]:
+        return {"seen": self.seen, "good": self.good, "bad": self.bad, "bad_by_reason": dict(self.reasons)}
+
+
+def pixels_shape(zoom: ZoomConfig) -> tuple[int, int, int, int]:
+    return (zoom.n_tiles, 3, zoom.resolution, zoom.resolution)
+
+
+def iter_samples(
+    ds, *, zoom: ZoomConfig, bad_log: BadRecordLog, prefetch_batches: int = 2
+) -> Iterator[dict[str, Any]]:
+    """Good samples in stream order: ``{"id", "local_index", "input_ids", "labels", "pixels"}``
+    (``pixels`` uint8 ``(n_tiles, 3, R, R)`` or ``None`` for text-only). Bad rows go to ``bad_log``."""
+    shape = pixels_shape(zoom)
+    # batch_size=None: whole blocks as they come (no copy; re-batching would concatenate 14 MB rows).
+    # prefetch_batches then counts blocks.
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_batches):
+        pixel_views = _binary_views(table.column("pixels"))
+        columns = table.drop_columns(["pixels"]).to_pydict()
+        for i, bad_reason in enumerate(columns["bad_reason"]):
+            if bad_reason is not None:
+                bad_log.add_bad(columns["id"][i], columns["source"][i], bad_reason, columns["bad_message"][i])
+                continue
+            bad_log.add_good()
+            yield {
+                "id": columns["id"][i],
+                "local_index": columns["local_index"][i],
+                "input_ids": np.asarray(columns["input_ids"][i], np.int32),
+                "labels": np.asarray(columns["labels"][i], np.int32),
+                # Copy: views of the object store are read-only and torch wants writable memory.
+                "pixels": pixel_views[i].reshape(shape).copy() if columns["has_image"][i] else None,
+            }
+    bad_log.check(final=True)
+
+
+def iter_train_batches(
+    ds,
+    batch_size: int,
+    pad_token_id: int,
+    bad_log: BadRecordLog,
+    *,
+    zoom: ZoomConfig,
+    drop_last: bool = False,
+    prefetch_batches: int = 2,
+) -> Iterator[dict[str, Any]]:
+    """Collated training batches of ``batch_size`` good samples, padded to the batch's longest
+    sequence (``dragonfly.processor.collate``): ``input_ids``, ``labels``, ``attention_mask``,
+    ``has_image``, ``pixels`` (n_images, n_tiles, 3, R, R) uint8 if any, plus ``ids`` (list) and
+    ``local_index`` (B,) int64. ``int(batch["local_index"].max()) + 1`` is the rank's resume ``start``.
+    """
+    import torch
+
+    pending: list[dict] = []
+
+    def flush() -> dict[str, Any]:
+        batch = collate(pending, pad_token_id)
+        batch["ids"] = [s["id"] for s in pending]
+        batch["local_index"] = torch.tensor([s["local_index"] for s in pending], dtype=torch.long)
+        pending.clear()
+        return batch
+
+    for sample in iter_samples(ds, zoom=zoom, bad_log=bad_log, prefetch_batches=prefetch_batches):
+        pending.append(sample)
+        if len(pending) == batch_size:
+            yield flush()
+    if pending and not drop_last:
+        yield flush()
+
+
+def _binary_views(column: pa.ChunkedArray) -> list[np.ndarray]:
+    """Each value of a large_binary column as a uint8 numpy view of the Arrow buffer (no copy)."""
+    views = []
+    for chunk in column.chunks:
+        _, offsets_buf, data_buf = chunk.buffers()
+        offsets = np.frombuffer(offsets_buf, np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+        views.extend(data[offsets[i] : offsets[i + 1]] for i in range(len(chunk)))
+    return views
+
+
+__all__ = [
+    "DataConfig",
+    "TooManyBadRecords",
+    "BadRecordLog",
+    "ROW_SCHEMA",
+    "rank_indices",
+    "build_rank_dataset",
+    "build_dataset",
+    "tokenize_rows",
+    "fetch_images",
+    "make_crop_rows",
+    "iter_samples",
+    "iter_train_batches",
+    "pixels_shape",
+]

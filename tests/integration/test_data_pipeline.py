@@ -1,0 +1,303 @@
+"""The Ray Data pipeline end to end on a real local Ray cluster and a real S3 server.
+
+Tiny crops (R=28) and a small demo dataset with planted bad records keep each run short.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import s3fs
+from dragonfly_platform.data import (
+    BadRecordLog,
+    DataConfig,
+    TooManyBadRecords,
+    build_dataset,
+    build_rank_dataset,
+    iter_samples,
+    iter_train_batches,
+    rank_indices,
+)
+from dragonfly_platform.demo_data import PLANTED_BAD_REASONS, write_demo_dataset
+from dragonfly_platform.manifest import ManifestFormatError, read_manifest
+from dragonfly_platform.services import start_s3
+from dragonfly_platform.storage import StorageConfig, StorageUnavailableError
+from PIL import Image
+
+from dragonfly.config import TokenConfig, ZoomConfig
+from dragonfly.processor import DragonflyProcessor
+from dragonfly.tiny import build_tiny_tokenizer
+from dragonfly.zoom import make_crops
+
+ZOOM = ZoomConfig(resolution=28, max_image_pixels=4_000_000)
+MAX_LENGTH = 256
+# Records added to the demo's planted ones: reasons only a test setup can plant cheaply.
+EXTRA_BAD_REASONS = {"bad-too-long": "too_long", "bad-too-many-pixels": "too_many_pixels"}
+EXPECTED_BAD = {**PLANTED_BAD_REASONS, **EXTRA_BAD_REASONS}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    tokens = TokenConfig(tokens=(("low", 4), ("medium", 1), ("high", 1)), keep_cls=False, separator=False)
+    return DragonflyProcessor(build_tiny_tokenizer(), ZOOM, tokens, max_length=MAX_LENGTH)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """Demo data (17 good train records, some text-only) plus one bad record for every reason."""
+    out = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(out, n_train=17, n_val=4, seed=1, with_bad_records=True)
+    Image.new("RGB", (2100, 2000), (90, 120, 200)).save(out / "images" / "huge.png")  # 4.2 MP > limit
+    ask = [{"from": "human", "value": "<image>\nWhat is in the image?"}, {"from": "gpt", "value": "Blue."}]
+    long_answer = [{"from": "human", "value": "Tell me everything."}, {"from": "gpt", "value": "word " * 400}]
+    with open(out / "train.jsonl", "a") as f:
+        f.write(
+            json.dumps({"id": "bad-too-many-pixels", "image": "images/huge.png", "conversations": ask}) + "\n"
+        )
+        f.write(json.dumps({"id": "bad-too-long", "conversations": long_answer}) + "\n")
+    return out
+
+
+def _config(manifest: str, **overrides) -> DataConfig:
+    settings = dict(
+        train_manifest=manifest,
+        rows_per_block=2,
+        read_block_rows=8,
+        preprocess_num_cpus=0.5,
+        max_bad_fraction=0.5,
+        min_records_for_bad_fraction=5,
+    )
+    settings.update(overrides)
+    return DataConfig(**settings)
+
+
+def _expected_sample(processor, record, image_root: Path) -> dict:
+    sample = processor.encode(record.conversations, record.has_image, record_id=record.id)
+    pixels = make_crops((image_root / record.image).read_bytes(), ZOOM).pixels if record.has_image else None
+    return {**sample, "pixels": pixels}
+
+
+def _check_round_trip(samples: list[dict], log: BadRecordLog, records, processor, image_root: Path):
+    good = [r for r in records if r.id not in EXPECTED_BAD]
+    by_id = {s["id"]: s for s in samples}
+    assert len(by_id) == len(samples), "a record came out twice"
+    assert sorted(by_id) == sorted(r.id for r in good)
+    for record in good:
+        expected, sample = _expected_sample(processor, record, image_root), by_id[record.id]
+        np.testing.assert_array_equal(sample["input_ids"], expected["input_ids"])
+        np.testing.assert_array_equal(sample["labels"], expected["labels"])
+        if record.has_image:
+            assert sample["pixels"].dtype == np.uint8 and sample["pixels"].shape == (ZOOM.n_tiles, 3, 28, 28)
+            np.testing.assert_array_equal(sample["pixels"], expected["pixels"])
+        else:
+            assert sample["pixels"] is None
+    assert log.good == len(good) and log.bad == len(EXPECTED_BAD)
+    assert log.seen == len(records)
+    assert dict(log.reasons) == dict(sorted(_count(EXPECTED_BAD.values()).items()))
+
+
+def _count(values) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
+def _bad_file(path) -> dict[str, dict]:
+    return {entry["id"]: entry for entry in map(json.loads, Path(path).read_text().splitlines())}
+
+
+# ---------------------------------------------------------------------------------------------
+# No Ray needed
+
+
+def test_rank_rows_partition_the_manifest_with_sizes_within_one():
+    for n, world in [(23, 2), (23, 4), (3, 4), (100, 3)]:
+        parts = [rank_indices(n, rank=r, world_size=world, epoch=5, seed=9) for r in range(world)]
+        assert sorted(np.concatenate(parts).tolist()) == list(range(n))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    # Another epoch is another order; the same (seed, epoch) is the same order.
+    first = rank_indices(50, rank=0, world_size=2, epoch=0, seed=1)
+    assert not np.array_equal(first, rank_indices(50, rank=0, world_size=2, epoch=1, seed=1))
+    np.testing.assert_array_equal(first, rank_indices(50, rank=0, world_size=2, epoch=0, seed=1))
+
+
+def test_bad_fraction_is_judged_after_the_minimum_then_on_every_bad_record(tmp_path):
+    log = BadRecordLog(str(tmp_path / "bad.jsonl"), max_bad_fraction=0.25, min_records=4)
+    log.add_bad("a", "x.png", "missing_file", "gone")
+    log.add_bad("b", "y.png", "truncated", "cut")  # 2 of 2 bad, but under the minimum: no verdict yet
+    log.add_good()
+    log.add_good()
+    log.add_good()
+    log.add_good()
+    with pytest.raises(TooManyBadRecords, match=r"3 of 7 records were bad .*missing_file: 2, truncated: 1"):
+        log.add_bad("c", "z.png", "missing_file", "gone")
+    assert [e["reason"] for e in _bad_file(tmp_path / "bad.jsonl").values()] == [
+        "missing_file",
+        "truncated",
+        "missing_file",
+    ]
+    short = BadRecordLog(None, max_bad_fraction=0.25, min_records=100)
+    short.add_good()
+    short.add_bad("a", "x", "truncated", "cut")
+    with pytest.raises(TooManyBadRecords):
+        short.check(final=True)  # the end of the stream judges whatever was seen
+
+
+# ---------------------------------------------------------------------------------------------
+# Real Ray
+
+
+def test_a_manifest_that_is_not_one_fails_before_any_work(ray_cluster, tmp_path, processor):
+    bad = tmp_path / "m.jsonl"
+    bad.write_text('{"id": 1, "image": "a.png", "conversations": []}\nid,image\n2,b.png\n')
+    with pytest.raises(ManifestFormatError, match="line 2: not JSON"):
+        build_dataset(_config(str(bad)), processor, "train")
+
+
+def test_manifest_round_trip(ray_cluster, demo, processor, tmp_path):
+    config = _config(str(demo / "train.jsonl"))
+    ds, n_rows = build_dataset(config, processor, "train")
+    records = read_manifest(str(demo / "train.jsonl"))
+    assert n_rows == len(records)
+    log = BadRecordLog.for_rank(config, str(tmp_path), "train", rank=0)
+    samples = list(iter_samples(ds, zoom=ZOOM, bad_log=log))
+    assert [s["local_index"] for s in samples] == sorted(s["local_index"] for s in samples)  # stream order
+    _check_round_trip(samples, log, records, processor, demo)
+    written = _bad_file(tmp_path / "bad_records-train-rank0.jsonl")
+    assert {i: e["reason"] for i, e in written.items()} == EXPECTED_BAD
+    assert written["bad-missing-file"]["source"] == str(demo / "images/bad/does_not_exist.png")
+    assert written["bad-too-long"]["source"] == f"{demo / 'train.jsonl'}:{len(records)}"
+
+
+def test_two_ranks_split_uneven_data_exactly_and_resume_mid_epoch(ray_cluster, demo, processor, tmp_path):
+    # One rank may get most of the 8 bad records: this test is about the split, not the budget.
+    config = _config(str(demo / "train.jsonl"), max_bad_fraction=0.9)
+    records = read_manifest(str(demo / "train.jsonl"))
+    assert len(records) % 2 == 1  # uneven on purpose
+    per_rank, batches, sizes = {}, {}, {}
+    for rank in (0, 1):
+        ds, sizes[rank] = build_rank_dataset(
+            config, processor, "train", rank=rank, world_size=2, epoch=3, seed=7
+        )
+        log = BadRecordLog.for_rank(config, str(tmp_path), "train", rank)
+        batches[rank] = list(iter_train_batches(ds, 3, processor.pad_token_id, log, zoom=ZOOM))
+        per_rank[rank] = (log, [i for b in batches[rank] for i in b["ids"]])
+    # Every row exactly once across ranks, bad ones in their rank's file; sizes differ by one.
+    assert abs(sizes[0] - sizes[1]) == 1 and sizes[0] + sizes[1] == len(records)
+    ids = per_rank[0][1] + per_rank[1][1]
+    assert sorted(ids) == sorted(r.id for r in records if r.id not in EXPECTED_BAD)
+    files = [_bad_file(tmp_path / f"bad_records-train-rank{r}.jsonl") for r in (0, 1)]
+    assert sorted([*files[0], *files[1]]) == sorted(EXPECTED_BAD)
+    assert sum(per_rank[r][0].seen for r in (0, 1)) == len(records)
+    # Batches: padded to the batch's longest sequence, positions ascending.
+    for batch in batches[0]:
+        lengths = batch["attention_mask"].sum(1)
+        assert batch["input_ids"].shape[1] == int(lengths.max())
+        n_images = int(batch["has_image"].sum())
+        if n_images:
+            assert batch["pixels"].shape == (n_images, ZOOM.n_tiles, 3, 28, 28)
+    positions = [int(i) for b in batches[0] for i in b["local_index"]]
+    assert positions == sorted(positions)
+
+    # Resume rank 0 after its second batch: exactly the rest of the epoch, no row twice.
+    start = int(batches[0][1]["local_index"].max()) + 1
+    ds, _ = build_rank_dataset(config, processor, "train", rank=0, world_size=2, epoch=3, seed=7, start=start)
+    log = BadRecordLog(None, config.max_bad_fraction)
+    resumed = [s["id"] for s in iter_samples(ds, zoom=ZOOM, bad_log=log)]
+    assert resumed == per_rank[0][1][6:]
+    # Resumed exactly at the end of the epoch: nothing left.
+    ds, _ = build_rank_dataset(
+        config, processor, "train", rank=0, world_size=2, epoch=3, seed=7, start=sizes[0]
+    )
+    assert list(iter_samples(ds, zoom=ZOOM, bad_log=log)) == []
+
+
+def test_crossing_max_bad_fraction_stops_with_counts_by_reason(ray_cluster, demo, processor, tmp_path):
+    config = _config(str(demo / "train.jsonl"), max_bad_fraction=0.05, min_records_for_bad_fraction=3)
+    ds, _ = build_dataset(config, processor, "train")
+    log = BadRecordLog.for_rank(config, str(tmp_path), "train", rank=0)
+    with pytest.raises(
+        TooManyBadRecords, match=r"records were bad .* over max_bad_fraction=5\.0%; by reason: "
+    ):
+        list(iter_samples(ds, zoom=ZOOM, bad_log=log))
+
+
+def _storage(server) -> StorageConfig:
+    return StorageConfig(
+        endpoint_url=server.endpoint_url,
+        region=server.region,
+        access_key=server.access_key,
+        secret_key=server.secret_key,
+        retries=2,
+        connect_timeout_s=2,
+        read_timeout_s=5,
+    )
+
+
+def _upload(server, local: Path, prefix: str) -> None:
+    fs = s3fs.S3FileSystem(**server.storage_options())
+    fs.put(str(local) + "/", f"test-bucket/{prefix}/", recursive=True)
+
+
+def test_manifest_and_images_from_s3(ray_cluster, s3_server, demo, processor, tmp_path):
+    _upload(s3_server, demo, "demo")
+    storage = _storage(s3_server)
+    config = _config("s3://test-bucket/demo/train.jsonl", storage=storage)
+    records = read_manifest(config.train_manifest, storage)
+    ds, _ = build_dataset(config, processor, "train")
+    log = BadRecordLog.for_rank(config, str(tmp_path), "train", rank=0)
+    samples = list(iter_samples(ds, zoom=ZOOM, bad_log=log))
+    _check_round_trip(samples, log, records, processor, demo)
+    missing = _bad_file(tmp_path / "bad_records-train-rank0.jsonl")["bad-missing-file"]
+    assert missing["source"] == "s3://test-bucket/demo/images/bad/does_not_exist.png"
+    assert missing["reason"] == "missing_file"
+
+
+def test_s3_server_stopping_mid_job_gives_retries_then_a_clear_error(ray_cluster, demo, processor, tmp_path):
+    server = start_s3(tmp_path / "s3")  # our own: the session's server must survive this test
+    try:
+        server.create_bucket("test-bucket")
+        _upload(server, demo, "demo")
+        storage = _storage(server)
+        config = _config("s3://test-bucket/demo/train.jsonl", storage=storage)
+        ds, _ = build_dataset(config, processor, "train")  # the manifest came from S3 ...
+        server.kill()  # ... and the server is gone before the images are read
+        with pytest.raises(
+            Exception, match=r"could not read s3://test-bucket/demo/images/.* after 2 attempts"
+        ):
+            list(iter_samples(ds, zoom=ZOOM, bad_log=BadRecordLog(None, 1.0)))
+        with pytest.raises(StorageUnavailableError, match=rf"from {server.endpoint_url} after 2 attempts"):
+            storage.read_bytes("s3://test-bucket/demo/train.jsonl")
+    finally:
+        server.stop()
+
+
+def test_zoom_report_job(ray_cluster, demo, tmp_path, capsys):
+    import csv
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "zoom_report_job", Path(__file__).parents[2] / "jobs" / "zoom_report.py"
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert (
+        job.main(["--manifest", str(demo / "val.jsonl"), "--out", str(tmp_path), "--resolution", "336"]) == 0
+    )
+    images = [r for r in read_manifest(str(demo / "val.jsonl")) if r.has_image]
+    rows = list(csv.DictReader((tmp_path / "zoom_ratios.csv").read_text().splitlines()))
+    assert sorted(r["id"] for r in rows) == sorted(r.id for r in images)
+    for row, record in zip(
+        sorted(rows, key=lambda r: r["id"]), sorted(images, key=lambda r: r.id), strict=True
+    ):
+        crops = make_crops((demo / record.image).read_bytes(), ZoomConfig(resolution=336))
+        assert float(row["zoom_ratio"]) == pytest.approx(crops.zoom_ratio)
+    summary = json.loads((tmp_path / "zoom_report.json").read_text())
+    ratios = [float(r["zoom_ratio"]) for r in rows]
+    assert summary["share_at_least_2x"] == pytest.approx(np.mean(np.array(ratios) >= 2))
+    assert (tmp_path / "zoom_ratio_cdf.png").stat().st_size > 1000
+    assert "zoomed in at least 2x" in capsys.readouterr().out

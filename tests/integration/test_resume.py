@@ -1,0 +1,200 @@
+"""Faults: a training worker SIGKILLed mid-run, the whole job killed and rerun, the S3 server dying
+while checkpoints upload. Each run must end where an uninterrupted run ends, with one MLflow run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from dragonfly_platform.config import parse_run_config
+from dragonfly_platform.demo_data import write_demo_dataset
+from dragonfly_platform.services import wait_until
+from dragonfly_platform.train import run_training
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "jobs" / "configs"
+# 2 workers x micro-batch 2 x accumulation 2, 32 rows, 2 epochs: 8 steps, 64 samples.
+STEPS, SAMPLES = 8, 64
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=32, n_val=8, seed=0)
+
+
+def raw_config(demo, storage_path: str, name: str, tracking_uri: str, **train) -> dict:
+    raw = yaml.safe_load((CONFIGS / "tiny_stage1.yaml").read_text())
+    raw["run"].update(name=name, storage_path=storage_path, max_failures=0)
+    raw["data"].update(train_manifest=demo["train_manifest"], val_manifest=demo["val_manifest"])
+    raw["mlflow"] = {"tracking_uri": tracking_uri, "experiment": "test-resume"}
+    raw["train"].update(lr=2e-3, warmup_ratio=0.1, epochs=2, checkpoint_every=2, eval_batches=0, **train)
+    return raw
+
+
+def mlflow_runs(cfg):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.tracking_uri())
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    return client, client.search_runs(
+        [experiment.experiment_id], f"tags.`dragonfly.run_name` = '{cfg.run.name}'"
+    )
+
+
+def final_weights(cfg) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(cfg.export_dir(), "model.safetensors"))
+
+
+def in_background(fn, *args):
+    """Run ``fn`` in a thread; returns (thread, outcome dict with "result" or "error")."""
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = fn(*args)
+        except BaseException as err:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_cluster, demo, mlflow_server, tmp_path_factory):
+    """The uninterrupted run every fault case must match."""
+    cfg = parse_run_config(
+        raw_config(demo, str(tmp_path_factory.mktemp("runs")), "baseline", mlflow_server.tracking_uri)
+    )
+    result = run_training(cfg)
+    assert result.metrics["step"] == STEPS and result.metrics["samples"] == SAMPLES
+    return cfg, final_weights(cfg)
+
+
+def assert_same_weights(cfg, baseline):
+    expected = baseline[1]
+    got = final_weights(cfg)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_sigkilled_worker_restarts_from_checkpoint_and_ends_like_an_uninterrupted_run(
+    baseline, demo, mlflow_server, tmp_path
+):
+    raw = raw_config(demo, str(tmp_path), "killed-worker", mlflow_server.tracking_uri)
+    raw["run"]["max_failures"] = 2
+    cfg = parse_run_config(raw)
+    run_dir = Path(cfg.run_dir())
+    thread, outcome = in_background(run_training, cfg)
+
+    first = run_dir / "checkpoint_step_0000002"
+    assert wait_until(lambda: first.is_dir() or not thread.is_alive(), timeout=600), "no checkpoint appeared"
+    assert thread.is_alive(), outcome
+    victim = int((run_dir / "workers" / "rank1.pid").read_text())
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=900)
+    assert not thread.is_alive(), "training did not finish after the worker was killed"
+    assert "error" not in outcome, outcome.get("error")
+
+    result = outcome["result"]
+    assert result.metrics["step"] == STEPS
+    assert result.metrics["samples"] == SAMPLES
+    # A new worker group did the rest: rank 1 is another process now.
+    assert int((run_dir / "workers" / "rank1.pid").read_text()) != victim
+    client, runs = mlflow_runs(cfg)
+    assert len(runs) == 1
+    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}
+    assert steps == set(range(1, STEPS + 1))  # the curve continues to the end, no gap
+    assert_same_weights(cfg, baseline)
+
+
+def test_killed_job_resumes_instead_of_restarting(baseline, demo, mlflow_server, tmp_path, ray_cluster):
+    import ray
+
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(
+        yaml.safe_dump(raw_config(demo, str(tmp_path / "runs"), "killed-job", mlflow_server.tracking_uri))
+    )
+    cfg = parse_run_config(yaml.safe_load(config_path.read_text()))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(config_path)]
+
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = Path(cfg.run_dir()) / "checkpoint_step_0000002"
+    assert wait_until(lambda: checkpoint.is_dir() or first.poll() is not None, timeout=600)
+    first.kill()
+    first.wait()
+    # The job's actors die with their driver; give Ray a moment to release their CPUs.
+    time.sleep(5)
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    output = second.stdout + second.stderr
+    resumed = [line for line in output.splitlines() if "resumed from step" in line]
+    assert resumed, output[-4000:]
+    assert "resumed from step 0" not in resumed[0]
+    client, runs = mlflow_runs(cfg)
+    assert len(runs) == 1
+    history = client.get_metric_history(runs[0].info.run_id, "samples")
+    assert max(m.value for m in history) == SAMPLES
+    assert_same_weights(cfg, baseline)
+
+
+def test_s3_outage_during_checkpoint_upload_fails_clearly_and_resumes_from_a_whole_checkpoint(
+    baseline, demo, mlflow_server, s3_server, monkeypatch
+):
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    raw = raw_config(
+        demo, "s3://test-bucket/resume-runs", "s3-outage", mlflow_server.tracking_uri, checkpoint_every=1
+    )
+    raw["data"]["storage"] = {"retries": 2, "connect_timeout_s": 2.0, "read_timeout_s": 5.0}
+    cfg = parse_run_config(raw)
+    fs = cfg.data.storage.filesystem(cfg.run_dir())
+    prefix = cfg.run_dir().removeprefix("s3://")
+
+    def checkpoints() -> list[str]:
+        try:
+            return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(prefix, refresh=True) if "checkpoint_step" in p)
+        except FileNotFoundError:
+            return []
+
+    thread, outcome = in_background(run_training, cfg)
+    assert wait_until(lambda: len(checkpoints()) >= 2 or not thread.is_alive(), timeout=600)
+    assert thread.is_alive(), outcome
+    s3_server.kill()
+    try:
+        thread.join(timeout=600)
+        assert not thread.is_alive(), "training hung after the S3 server died"
+        assert "error" in outcome, "the run cannot succeed with its storage gone"
+    finally:
+        s3_server.restart()
+    message = str(outcome["error"])
+    assert "checkpoint" in message.lower() or "s3" in message.lower() or "connect" in message.lower(), message
+
+    # Rerun: Ray resumes from the last checkpoint it registered, which has every rank's files.
+    result = run_training(cfg)
+    assert result.metrics["step"] == STEPS and result.metrics["samples"] == SAMPLES
+    client, runs = mlflow_runs(cfg)
+    assert len(runs) == 1
+    weights = load_file(_download(cfg, "export/model.safetensors"))
+    for key, value in baseline[1].items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+def _download(cfg, relative: str) -> str:
+    import tempfile
+
+    local = os.path.join(tempfile.mkdtemp(), os.path.basename(relative))
+    fs = cfg.data.storage.filesystem(cfg.run_dir())
+    fs.get(f"{cfg.run_dir().removeprefix('s3://')}/{relative}", local)
+    return local

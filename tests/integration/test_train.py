@@ -1,0 +1,196 @@
+"""Ray Train + DeepSpeed on 2 CPU workers: loss falls, checkpoints hold the weights, ZeRO stages agree,
+and no credential reaches logs, params or artifacts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from dragonfly_platform.config import parse_run_config
+from dragonfly_platform.demo_data import write_demo_dataset
+from dragonfly_platform.train import DEEPSPEED_TAG, run_training
+from safetensors.torch import load_file
+
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+N_TRAIN, N_VAL = 32, 8
+# 2 workers x micro-batch 2 x accumulation 2 = global batch 8: 16 rows per rank make 4 steps per
+# epoch; 2 epochs = 8 steps, 64 samples.
+STEPS, SAMPLES = 8, 64
+PLANTED_PASSWORD = "planted-mlflow-password-7f3a9c"
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return write_demo_dataset(out, n_train=N_TRAIN, n_val=N_VAL, seed=0)
+
+
+def tiny_config(demo, storage_path: str, name: str, tracking_uri: str, **train):
+    """tiny_stage1.yaml turned into a from-scratch full fine-tune (ZeRO-3 needs a trained tower)."""
+    raw = yaml.safe_load((CONFIGS / "tiny_stage1.yaml").read_text())
+    raw["run"].update(name=name, storage_path=storage_path, max_failures=0)
+    raw["data"].update(train_manifest=demo["train_manifest"], val_manifest=demo["val_manifest"])
+    raw["mlflow"] = {"tracking_uri": tracking_uri, "experiment": "test-train"}
+    # One ViT call per micro-batch (2 images x 41 crops), which ZeRO-3 requires.
+    raw["model"]["vision"] = {"chunk_size": 82}
+    raw["train"].update(
+        freeze="stage2", lr=2e-3, warmup_ratio=0.1, epochs=2, checkpoint_every=4, eval_batches=2, **train
+    )
+    return parse_run_config(raw)
+
+
+def mlflow_run(cfg):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.tracking_uri())
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    runs = client.search_runs([experiment.experiment_id], f"tags.`dragonfly.run_name` = '{cfg.run.name}'")
+    return client, runs
+
+
+def losses(client, run_id):
+    history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in history}
+
+
+def export_weights(export_dir: str, storage=None) -> dict[str, torch.Tensor]:
+    if export_dir.startswith("s3://"):
+        fs = storage.filesystem(export_dir)
+        local = Path(os.environ.get("TMPDIR", "/tmp")) / f"export-{os.getpid()}-{abs(hash(export_dir))}"
+        fs.get(export_dir.removeprefix("s3://") + "/", str(local), recursive=True)
+        export_dir = str(local)
+    return load_file(os.path.join(export_dir, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def zero_runs(ray_cluster, demo_data, mlflow_server, s3_server, tmp_path_factory):
+    """The same run (seed, data, steps) with ZeRO-0 and ZeRO-2 on local storage and ZeRO-3 on S3 (the
+    S3 credentials and a planted MLflow password travel in the environment only)."""
+    local = tmp_path_factory.mktemp("runs")
+    saved = dict(os.environ)
+    os.environ.update(
+        {**s3_server.env(), "MLFLOW_TRACKING_PASSWORD": PLANTED_PASSWORD, "MLFLOW_TRACKING_USERNAME": "u"}
+    )
+    results = {}
+    try:
+        for stage, storage in ((0, str(local)), (2, str(local)), (3, "s3://test-bucket/train-runs")):
+            cfg = tiny_config(
+                demo_data, storage, f"zero{stage}", mlflow_server.tracking_uri, zero_stage=stage
+            )
+            results[stage] = (cfg, run_training(cfg))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return results
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_loss_falls_and_counts_are_exact(zero_runs, stage):
+    cfg, result = zero_runs[stage]
+    assert result.metrics["step"] == STEPS
+    assert result.metrics["samples"] == SAMPLES
+    client, runs = mlflow_run(cfg)
+    assert len(runs) == 1
+    curve = losses(client, runs[0].info.run_id)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    first, last = curve[1], sum(curve[s] for s in (STEPS - 1, STEPS)) / 2
+    assert last < 0.8 * first, curve
+
+
+def test_mlflow_has_params_metrics_checkpoints_and_the_export(zero_runs):
+    cfg, _ = zero_runs[2]
+    client, (run,) = mlflow_run(cfg)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.zero_stage"] == "2"
+    assert run.data.params["train.global_batch_size"] == "8"
+    for metric in (
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "samples_per_s",
+        "tokens_per_s",
+        "data_wait_share",
+        "val_loss",
+    ):
+        assert metric in run.data.metrics, metric
+    assert 0.0 <= run.data.metrics["data_wait_share"] <= 1.0
+    assert run.data.tags["checkpoint.latest"] == f"{cfg.run_dir()}/checkpoint_step_{STEPS:07d}"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/config.json", "model/model.safetensors", "model/dragonfly_processor.json"} <= artifacts
+
+
+def test_checkpoint_holds_the_exported_weights(zero_runs):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    cfg, result = zero_runs[2]
+    exported = export_weights(cfg.export_dir())
+    with result.checkpoint.as_directory() as folder:
+        restored = get_fp32_state_dict_from_zero_checkpoint(folder, tag=DEEPSPEED_TAG)
+    trainable = [k for k in restored if k in exported]
+    assert len(trainable) == len(exported)
+    for key in trainable:
+        torch.testing.assert_close(restored[key], exported[key], rtol=0, atol=0, msg=key)
+
+
+def test_zero3_export_equals_zero0_export(zero_runs):
+    cfg0, _ = zero_runs[0]
+    cfg3, _ = zero_runs[3]
+    w0 = export_weights(cfg0.export_dir())
+    w3 = export_weights(cfg3.export_dir(), cfg3.data.storage)
+    assert w0.keys() == w3.keys()
+    for key in w0:
+        torch.testing.assert_close(w3[key], w0[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_zero3_checkpoints_live_on_s3_with_every_rank_shard(zero_runs, s3_server):
+    cfg, result = zero_runs[3]
+    fs = cfg.data.storage.filesystem(cfg.run_dir())
+    with result.checkpoint.as_directory() as folder:
+        files = {p.name for p in Path(folder).rglob("*") if p.is_file()}
+    assert {"train_state_rank0.json", "train_state_rank1.json"} <= files
+    assert sum(name.startswith("zero_pp_rank_") for name in files) >= 2  # one shard set per rank
+    checkpoints = sorted(
+        p.rsplit("/", 1)[-1] for p in fs.ls(cfg.run_dir().removeprefix("s3://")) if "checkpoint_step" in p
+    )
+    assert checkpoints == ["checkpoint_step_0000004", "checkpoint_step_0000008"]
+
+
+def test_no_credentials_in_logs_params_or_artifacts(
+    zero_runs, s3_server, mlflow_server, ray_cluster, tmp_path
+):
+    import mlflow.artifacts
+    import ray
+
+    secrets = [s3_server.secret_key, PLANTED_PASSWORD]
+    cfg, _ = zero_runs[3]
+    client, (run,) = mlflow_run(cfg)
+    recorded = [
+        *run.data.params.items(),
+        *run.data.tags.items(),
+        *((k, str(v)) for k, v in run.data.metrics.items()),
+    ]
+    for key, value in recorded:
+        assert not any(s in key or s in value for s in secrets), key
+
+    def assert_clean(folder: Path, what: str):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                assert not any(s.encode() in data for s in secrets), f"{what}: {path}"
+
+    artifacts = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, dst_path=str(tmp_path / "artifacts"), tracking_uri=cfg.tracking_uri()
+    )
+    assert_clean(Path(artifacts), "MLflow artifacts")
+    # Every file of the run folder on S3 (checkpoints, processor, export).
+    local_copy = tmp_path / "run"
+    cfg.data.storage.filesystem(cfg.run_dir()).get(
+        cfg.run_dir().removeprefix("s3://") + "/", str(local_copy), recursive=True
+    )
+    assert_clean(local_copy, "run folder")
+    # Driver, controller and worker logs of the whole Ray session.
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    assert_clean(session / "logs", "Ray logs")

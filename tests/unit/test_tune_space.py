@@ -1,0 +1,338 @@
+"""Sweep configs, search spaces, upfront validation, resources, Pareto front and the results files:
+everything in dragonfly_platform.tune that needs no Ray cluster."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from dragonfly_platform.tune import (
+    GRID_KEY,
+    IMAGE_TOKENS,
+    TFLOPS,
+    SweepConfig,
+    build_param_space,
+    derive_max_concurrent_trials,
+    grid_points,
+    image_budget,
+    load_base,
+    load_sweep_config,
+    pareto_front,
+    resolve_trial_config,
+    trial_label,
+    trial_overrides,
+    validate_sweep,
+    validation_points,
+    write_results,
+)
+from PIL import Image
+
+from dragonfly.budget import config_report
+from dragonfly.config import ConfigError, TokenConfig, ZoomConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+TINY_BASE = str(CONFIGS / "tiny_stage1.yaml")
+
+
+def sweep_from(tmp_path, **fields) -> SweepConfig:
+    raw = {"name": "t", "base": TINY_BASE, **fields}
+    path = tmp_path / "sweep_t.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_sweep_config(path)
+
+
+def tokens_of(point: dict) -> int:
+    """Image tokens of a sweep point over the paper's default token config, by the calculator."""
+    tokens = dict(TokenConfig().tokens)
+    for level in ("low", "medium", "high"):
+        tokens[level] = point.get(f"model.tokens.tokens.{level}", tokens[level])
+    zoom = ZoomConfig(levels=tuple(point["model.zoom.levels"]))
+    return config_report(zoom, TokenConfig(tokens=tuple(tokens.items())))["image_tokens"]
+
+
+# -- the shipped recipes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("sweep_*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_validates(path):
+    sweep = load_sweep_config(path)
+    configs = validate_sweep(sweep, load_base(sweep))
+    assert len(configs) == len(validation_points(sweep)) > 0
+
+
+def test_sweep_pooling_is_the_appendix_c_grid():
+    sweep = load_sweep_config(CONFIGS / "sweep_pooling.yaml")
+    points = grid_points(sweep.search)
+    low_medium = [
+        p["model.tokens.tokens.medium"] for p in points if p["model.zoom.levels"] == ["low", "medium"]
+    ]
+    low_high = [p["model.tokens.tokens.high"] for p in points if p["model.zoom.levels"] == ["low", "high"]]
+    assert low_medium == [576, 144, 64, 36, 16]  # Table 7
+    assert low_high == [64, 36, 16, 9]  # Table 8
+    configs = validate_sweep(sweep, load_base(sweep))
+    # 576 low tokens + 4 medium or 36 high sub-images at each count.
+    assert [image_budget(c)[IMAGE_TOKENS] for c in configs] == [
+        576 + 4 * 576, 576 + 4 * 144, 576 + 4 * 64, 576 + 4 * 36, 576 + 4 * 16,
+        576 + 36 * 64, 576 + 36 * 36, 576 + 36 * 16, 576 + 36 * 9,
+    ]  # fmt: skip
+    assert [image_budget(c)[IMAGE_TOKENS] for c in configs] == [tokens_of(p) for p in points]
+
+
+def test_sweep_levels_is_table_2():
+    sweep = load_sweep_config(CONFIGS / "sweep_levels.yaml")
+    configs = validate_sweep(sweep, load_base(sweep))
+    budgets = {tuple(c.dragonfly_config().zoom.levels): image_budget(c) for c in configs}
+    assert {levels: b[IMAGE_TOKENS] for levels, b in budgets.items()} == {
+        ("low",): 576,
+        ("medium",): 144,
+        ("high",): 1296,
+        ("low", "medium"): 720,
+        ("low", "high"): 1872,
+        ("low", "medium", "high"): 2016,
+    }
+    # TFLOPs come from the appendix-F calculator, not a second implementation.
+    full = config_report(ZoomConfig(), TokenConfig())
+    assert budgets[("low", "medium", "high")][TFLOPS] == pytest.approx(full["total_flops"] / 1e12)
+
+
+def test_tiny_recipes_fit_a_four_cpu_test_cluster():
+    for name in ("sweep_pooling_tiny.yaml", "sweep_levels_tiny.yaml"):
+        sweep = load_sweep_config(CONFIGS / name)
+        configs = validate_sweep(sweep, load_base(sweep))
+        # 0.01 driver + 0.49 worker = 0.5 CPU per trial, 1 CPU kept for a crop task: 6 trials at
+        # once on 4 logical CPUs.
+        assert derive_max_concurrent_trials({"CPU": 4.0}, configs) == 6
+        assert all(c.run.num_workers == 1 for c in configs)
+
+
+# -- spaces ----------------------------------------------------------------------------------
+
+
+def test_union_of_spaces_keeps_order_and_drops_duplicates(tmp_path):
+    sweep = sweep_from(
+        tmp_path,
+        search=[
+            {"model.projector": {"grid": ["linear", "mlp"]}, "model.pooling": {"grid": ["mean"]}},
+            {"model.projector": {"grid": ["mlp"]}, "model.pooling": {"grid": ["mean", "perceiver"]}},
+        ],
+    )
+    assert grid_points(sweep.search) == [
+        {"model.projector": "linear", "model.pooling": "mean"},
+        {"model.projector": "mlp", "model.pooling": "mean"},
+        {"model.projector": "mlp", "model.pooling": "perceiver"},
+    ]
+
+
+def test_param_space_for_random_search_samples_and_grids(tmp_path):
+    from ray.tune.search.sample import Categorical, Float
+
+    sweep = sweep_from(
+        tmp_path,
+        algorithm="random",
+        num_samples=3,
+        search={
+            "model.projector": {"grid": ["linear", "mlp"]},
+            "model.pooling": {"choice": ["mean", "perceiver"]},
+            "train.lr": {"loguniform": [1e-5, 1e-2]},
+        },
+    )
+    space = build_param_space(sweep)
+    assert space[GRID_KEY] == {"grid_search": [{"model.projector": "linear"}, {"model.projector": "mlp"}]}
+    assert isinstance(space["model.pooling"], Categorical) and space["model.pooling"].categories == [
+        "mean",
+        "perceiver",
+    ]
+    assert isinstance(space["train.lr"], Float) and (space["train.lr"].lower, space["train.lr"].upper) == (
+        1e-5,
+        1e-2,
+    )
+    # Validation covers every choice at both ends of each continuous range.
+    points = validation_points(sweep)
+    assert len(points) == 2 * 2 * 2
+    assert {p["train.lr"] for p in points} == {1e-5, 1e-2}
+    config = {GRID_KEY: {"model.projector": "mlp"}, "model.pooling": "mean", "train.lr": 3e-4}
+    assert trial_overrides(config) == {"model.projector": "mlp", "model.pooling": "mean", "train.lr": 3e-4}
+
+
+def test_bayesian_space_has_only_sampled_axes(tmp_path):
+    sweep = load_sweep_config(CONFIGS / "sweep_projector_bayesian.yaml")
+    space = build_param_space(sweep)
+    assert GRID_KEY not in space and set(space) == {"model.projector", "model.pooling", "train.lr"}
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"search": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}, "algorithm 'grid' takes only grid axes"),
+        (
+            {"algorithm": "bayesian", "search": {"model.projector": {"grid": ["linear", "mlp"]}}},
+            "make ['model.projector'] 'choice' axes",
+        ),
+        ({"search": {"run.storage_path": {"grid": ["a", "b"]}}}, "'run.storage_path' cannot vary"),
+        ({"search": {"mlflow.experiment": {"grid": ["a", "b"]}}}, "'mlflow.experiment' cannot vary"),
+        (
+            {"overrides": {"run.name": "x"}, "search": {"train.lr": {"grid": [1e-3]}}},
+            "'run.name' is set by the sweep",
+        ),
+        ({"search": {"train.lr": {"grid": [1e-3], "choice": [1e-2]}}}, "give exactly one of"),
+        ({"algorithm": "random", "search": {"train.lr": {"loguniform": [0, 1]}}}, "loguniform needs low > 0"),
+        ({"algorithm": "random", "search": {"train.lr": {"uniform": [2, 1]}}}, "needs low < high"),
+        ({"search": {"train.lr": {"grid": []}}}, "needs at least one value"),
+        (
+            {
+                "algorithm": "random",
+                "search": [
+                    {"model.projector": {"grid": ["mlp"]}, "train.lr": {"loguniform": [1e-4, 1e-2]}},
+                    {"model.projector": {"grid": ["linear"]}},
+                ],
+            },
+            "sampled axes (choice/uniform/loguniform) must be the same in every space",
+        ),
+        (
+            {"search": {"train.lr": {"grid": [1e-3]}}, "scheduler": {"grace_period": 5, "max_t": 2}},
+            "exceeds max_t",
+        ),
+    ],
+)
+def test_bad_sweep_configs_fail_with_the_cause(tmp_path, fields, message):
+    with pytest.raises(ConfigError) as err:
+        sweep_from(tmp_path, **fields)
+    assert message in str(err.value)
+
+
+def test_set_overrides_reach_the_sweep_and_its_overrides(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        yaml.safe_dump({"name": "s", "base": TINY_BASE, "search": {"train.lr": {"grid": [1e-3]}}})
+    )
+    sweep = load_sweep_config(path, ["num_samples=4", "overrides.train.max_steps=3", "algorithm=random"])
+    assert (sweep.num_samples, sweep.algorithm, sweep.overrides) == (4, "random", {"train.max_steps": 3})
+    assert sweep.base == TINY_BASE  # resolved against the sweep file's folder
+
+
+# -- upfront validation ----------------------------------------------------------------------
+
+
+def test_a_bad_value_fails_the_whole_sweep_naming_the_trial(tmp_path):
+    # 9 tokens need a 3x3 grid, which does not tile the tiny tower's 4x4 token grid; 5 is not square.
+    sweep = sweep_from(tmp_path, search={"model.tokens.tokens.medium": {"grid": [4, 9, 5]}})
+    with pytest.raises(ConfigError) as err:
+        validate_sweep(sweep, load_base(sweep))
+    text = str(err.value)
+    assert "2 of 3 trial configs are invalid" in text
+    assert "{'model.tokens.tokens.medium': 9}" in text and "does not divide" in text
+    assert "{'model.tokens.tokens.medium': 5}" in text and "square" in text
+    assert "{'model.tokens.tokens.medium': 4}" not in text
+
+
+def test_a_bad_learning_rate_bound_is_caught_before_launch(tmp_path):
+    sweep = sweep_from(tmp_path, algorithm="random", search={"train.lr": {"uniform": [-1.0, 1e-3]}})
+    with pytest.raises(ConfigError, match=r"\{'train.lr': -1.0\}(.|\n)*train.lr"):
+        validate_sweep(sweep, load_base(sweep))
+
+
+def test_trial_config_lives_in_the_sweep_folder_with_typed_overrides(tmp_path):
+    sweep = sweep_from(
+        tmp_path,
+        overrides={"train.max_steps": 3},
+        search={"train.lr": {"grid": [1e-5]}},
+        storage_path=str(tmp_path),
+    )
+    base = load_base(sweep)
+    cfg = resolve_trial_config(
+        base, sweep, {"train.lr": 1e-5, "model.zoom.levels": ["low", "high"]}, trial_name="abc_00001"
+    )
+    assert cfg.run.name == "abc_00001"
+    assert cfg.run_dir() == f"{tmp_path}/sweeps/t/trials/abc_00001"
+    assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)  # "1e-05" would be a string to YAML
+    assert cfg.train.max_steps == 3
+    assert cfg.dragonfly_config().zoom.levels == ("low", "high")
+
+
+# -- resources -------------------------------------------------------------------------------
+
+
+def test_max_concurrent_trials_from_cluster_resources(tmp_path):
+    sweep = sweep_from(
+        tmp_path,
+        overrides={"run.num_workers": 2, "run.cpus_per_worker": 1.0},
+        search={"train.lr": {"grid": [1e-3]}},
+    )
+    configs = validate_sweep(sweep, load_base(sweep))
+    # Per trial: 0.01 driver + 2 workers = 2.01 CPU; 1 CPU kept for a crop task.
+    assert derive_max_concurrent_trials({"CPU": 16.0}, configs) == 7
+    assert derive_max_concurrent_trials({"CPU": 5.1}, configs) == 2
+    assert derive_max_concurrent_trials({"CPU": 3.1}, configs) == 1
+    with pytest.raises(ConfigError, match="needs 2.01 CPU"):
+        derive_max_concurrent_trials({"CPU": 3.0}, configs)
+
+
+def test_gpus_bound_concurrency_on_gpu_clusters(tmp_path):
+    sweep = sweep_from(
+        tmp_path,
+        overrides={
+            "run.use_gpu": True,
+            "run.num_workers": 4,
+            "run.cpus_per_worker": 1.0,
+            "mlflow.tracking_uri": "http://x",
+        },
+        search={"train.lr": {"grid": [1e-3]}},
+    )
+    configs = validate_sweep(sweep, load_base(sweep))
+    assert derive_max_concurrent_trials({"CPU": 128.0, "GPU": 8.0}, configs) == 2
+    with pytest.raises(ConfigError, match="needs 4 GPU"):
+        derive_max_concurrent_trials({"CPU": 128.0, "GPU": 2.0}, configs)
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+def test_pareto_front_max_and_min():
+    costs = [100, 200, 300, 300, 400]
+    values = [0.5, 0.7, 0.6, 0.7, 0.9]
+    # 300/0.6 is beaten by 200/0.7; 300/0.7 ties on value at a higher cost than 200/0.7.
+    assert pareto_front(costs, values, "max") == [True, True, False, False, True]
+    losses = [2.0, 1.5, 1.5, math.nan, 1.0]
+    assert pareto_front(costs, losses, "min") == [True, True, False, False, True]
+    # Equal points do not dominate each other.
+    assert pareto_front([1, 1], [0.5, 0.5], "max") == [True, True]
+
+
+def test_results_files_agree_with_the_rows(tmp_path):
+    keys = ["model.zoom.levels", "model.tokens.tokens.medium"]
+    rows = [
+        {"trial_id": "a", "model.zoom.levels": ["low", "medium"], "model.tokens.tokens.medium": 36,
+         IMAGE_TOKENS: 720, TFLOPS: 9.9, "val_exact_match": 0.40},
+        {"trial_id": "b", "model.zoom.levels": ["low", "medium"], "model.tokens.tokens.medium": 144,
+         IMAGE_TOKENS: 1152, TFLOPS: 16.2, "val_exact_match": 0.45},
+        {"trial_id": "c", "model.zoom.levels": ["low", "medium"], "model.tokens.tokens.medium": 576,
+         IMAGE_TOKENS: 2880, TFLOPS: 40.3, "val_exact_match": 0.42},
+        {"trial_id": "d", "model.zoom.levels": ["low", "medium"], "model.tokens.tokens.medium": 16,
+         IMAGE_TOKENS: 640, TFLOPS: 8.8, "val_exact_match": None},
+    ]  # fmt: skip
+    paths = write_results(rows, keys, "val_exact_match", "max", tmp_path / "out")
+
+    with open(paths["csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert [r["trial_id"] for r in table] == ["a", "b", "c", "d"]
+    assert [r["pareto_tokens"] for r in table] == ["True", "True", "False", "False"]
+    assert [r["val_exact_match"] for r in table] == ["0.4", "0.45", "0.42", ""]
+    assert json.loads(table[0]["model.zoom.levels"]) == ["low", "medium"]
+
+    saved = json.loads(paths["json"].read_text())
+    assert (saved["metric"], saved["mode"]) == ("val_exact_match", "max")
+    assert [t["pareto_tflops"] for t in saved["trials"]] == [True, True, False, False]
+    assert [t[IMAGE_TOKENS] for t in saved["trials"]] == [720, 1152, 2880, 640]
+
+    with Image.open(paths["png"]) as png:
+        assert png.format == "PNG" and png.size[0] > 1000 and png.size[1] > 400
+        # Not a blank canvas: the scatter, the red front and the labels are drawn.
+        assert len(set(png.convert("RGB").getdata())) > 50
+
+
+def test_plot_labels_name_the_searched_values():
+    row = {"model.zoom.levels": ["low", "high"], "model.tokens.tokens.high": 16, "train.lr": 0.000123456}
+    keys = ["model.zoom.levels", "model.tokens.tokens.medium", "model.tokens.tokens.high", "train.lr"]
+    assert trial_label(row, keys) == "levels=L+H high=16 lr=0.000123"
