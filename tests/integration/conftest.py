@@ -38,6 +38,7 @@ PENDING_CI = {
     "test_evaluate.py",
     "test_job_submit.py",
     "test_resume.py",
+    "test_services.py",
     "test_sweep.py",
     "test_train.py",
 }
