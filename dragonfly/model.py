@@ -300,6 +300,8 @@ class DragonflyModel(nn.Module):
         validation alike), because under DeepSpeed ZeRO-3 every rank must run the same modules in
         the same order (parameters are gathered collectively), and every trainable parameter then
         gets a gradient (zero) on every rank. ``generate`` runs on one process and skips it.
+        The zero joins the input embeddings, not the loss, so the order of use is image path,
+        embeddings, LLM on every rank.
         """
         r = self.config.zoom.resolution
         input_device = next(self.projector.parameters()).device
@@ -311,15 +313,16 @@ class DragonflyModel(nn.Module):
         input_ids: torch.Tensor,
         pixels: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
+        always_run_image_path: bool = False,
     ) -> torch.Tensor:
         """input_ids (B, T), pixels uint8 (I, K, 3, R, R) -> inputs_embeds (B, T, D).
 
         The processor put ``image_token_id`` at every position of each image's block; the blocks of
         the batch's I images (in batch order) fill those positions row-major in one masked scatter.
+        With ``always_run_image_path`` a batch without images runs the image path on one all-zero
+        image and adds its zero to the embeddings (see ``_dummy_image_term``).
         """
         image_mask = input_ids == self.config.image_token_id  # (B, T)
-        # The image id may lie outside the LLM's vocabulary; those rows are overwritten anyway.
-        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # (B, T, D)
         n_positions = int(image_mask.sum())
         n_images = 0 if pixels is None else pixels.shape[0]
         if has_image is not None and int(has_image.sum()) != n_images:
@@ -332,9 +335,18 @@ class DragonflyModel(nn.Module):
                 f"images x {self.layout.positions} positions per image block = {n_images * self.layout.positions}: "
                 "the processor's and the model's zoom/token configs disagree, or an image block was truncated"
             )
+        # The image path runs before the token embedding on every rank: ZeRO-3 gathers each
+        # module's parameters collectively, so all ranks must use the modules in one order.
         if n_images:
             blocks = self.encode_images(pixels)  # (I, P, D)
+        elif always_run_image_path:
+            zero = self._dummy_image_term()  # () == 0
+        # The image id may lie outside the LLM's vocabulary; those rows are overwritten anyway.
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # (B, T, D)
+        if n_images:
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), blocks.to(embeds.dtype))
+        elif always_run_image_path:
+            embeds = embeds + zero.to(embeds.dtype)
         return embeds
 
     # -- training forward ------------------------------------------------------------------------
@@ -350,7 +362,7 @@ class DragonflyModel(nn.Module):
         """The collate dict's keys in, a Hugging Face ``CausalLMOutputWithPast`` out.
 
         With ``labels`` (-100 = not supervised) ``.loss`` is the mean shifted cross-entropy."""
-        embeds = self.embed_inputs(input_ids, pixels, has_image)  # (B, T, D)
+        embeds = self.embed_inputs(input_ids, pixels, has_image, always_run_image_path=True)  # (B, T, D)
         position_ids = None
         if attention_mask is not None:
             # Positions count real tokens only, so left- and right-padded batches agree.
@@ -362,10 +374,6 @@ class DragonflyModel(nn.Module):
             labels=labels,
             use_cache=False,
         )
-        if pixels is None or pixels.shape[0] == 0:
-            dummy = self._dummy_image_term()  # keeps ZeRO-3 ranks in step, see there
-            if out.loss is not None:
-                out.loss = out.loss + dummy
         return out
 
     # -- generation ------------------------------------------------------------------------------
@@ -454,8 +462,9 @@ class DragonflyModel(nn.Module):
             llm_config=self.llm.config.to_dict(),
         )
         (directory / CONFIG_NAME).write_text(config.to_json())
-        # save_model drops duplicates of shared tensors (tied embeddings), which save_file refuses.
-        safetensors.torch.save_model(self, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        safetensors.torch.save_file(
+            _unshared_state_dict(self), str(directory / WEIGHTS_NAME), metadata={"format": "pt"}
+        )
 
     @classmethod
     def from_pretrained(
@@ -467,6 +476,25 @@ class DragonflyModel(nn.Module):
         # strict: a missing or unexpected tensor is an error, not a silently random weight.
         safetensors.torch.load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device))
         return model.to(device)
+
+
+def _unshared_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as standalone contiguous CPU copies, one name per tied tensor.
+
+    Tied weights (input/output embeddings) are one tensor under two names: keep the first name;
+    ``load_model`` restores the other from it. Storage sharing alone cannot decide this, because
+    under DeepSpeed ZeRO-1/2 every parameter is a view into one flat buffer, which is what
+    ``safetensors.torch.save_model`` trips over.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]] = set()
+    for name, tensor in sorted(model.state_dict().items()):
+        view = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and view in seen:
+            continue
+        seen.add(view)
+        tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    return tensors
 
 
 # ---------------------------------------------------------------------------------------------

@@ -417,7 +417,18 @@ def registry_lock(
         )
     if held is not None:
         log.warning("taking over the stale promotion lock of %s (%s)", held.owner, held.action)
-    client.set_registered_model_tag(name, LOCK_TAG, me.to_json())
+    try:
+        client.set_registered_model_tag(name, LOCK_TAG, me.to_json())
+    except MlflowException as err:
+        # The SQL store inserts a new tag row; a concurrent first insert makes ours fail with a
+        # UNIQUE-constraint error. That is the same race as losing the read-back below.
+        rival = _read_lock(client, name)
+        if rival is None or rival.owner == me.owner:
+            raise
+        raise PromotionConflict(
+            f"another promotion ({rival.owner}) took the lock on {name!r} at the same time; nothing "
+            "was changed, rerun when it is done"
+        ) from err
     time.sleep(settle_s)
     again = _read_lock(client, name)
     if again is None or again.owner != me.owner:

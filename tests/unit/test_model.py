@@ -262,6 +262,35 @@ def test_text_only_training_batch_still_gives_every_trainable_parameter_a_gradie
     assert model.vision.visual.conv1.weight.grad.abs().sum() == 0
 
 
+def module_call_order(model: DragonflyModel, batch: dict, pixels: torch.Tensor | None) -> list[str]:
+    """Names of the parameter-owning modules in the order the forward first uses them."""
+    order: list[str] = []
+    hooks = [
+        module.register_forward_pre_hook(lambda _m, _a, name=name: order.append(name))
+        for name, module in model.named_modules()
+        if any(True for _ in module.parameters(recurse=False))
+    ]
+    try:
+        with torch.no_grad():
+            model(**batch, pixels=pixels)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order
+
+
+def test_image_and_text_only_batches_use_the_modules_in_the_same_order(model):
+    # ZeRO-3 gathers each module's parameters with a collective: ranks holding an image batch and
+    # ranks holding a text-only batch must ask for the same modules in the same order, or hang.
+    positions = model.layout.positions
+    with_image = module_call_order(model, make_batch([([1, 2], True, [3])], positions), random_pixels(1))
+    text_only = module_call_order(model, make_batch([([5, 6, 7, 8], False, [])], positions), None)
+    assert with_image == text_only
+    assert with_image[0].startswith("vision") and with_image.index("llm.model.embed_tokens") > with_image.index(
+        next(n for n in with_image if n.startswith("projector"))
+    )
+
+
 def test_unknown_freeze_plans_are_refused(model):
     with pytest.raises(ConfigError, match="unknown freeze plan"):
         apply_freeze_plan(model, "stage3")
@@ -324,6 +353,30 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, tie):
         assert torch.equal(
             model(**batch, pixels=random_pixels(1)).logits, loaded(**batch, pixels=random_pixels(1)).logits
         )
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_works_when_parameters_are_views_of_one_flat_buffer(tmp_path, tie):
+    """ZeRO-1/2 rebind every parameter to a view of one flat buffer; export must still work."""
+    torch.manual_seed(0)
+    config = DragonflyConfig.tiny(
+        VOCAB, IMAGE_ID, llm_config={**tiny_llama_config(VOCAB), "tie_word_embeddings": tie}
+    )
+    model = DragonflyModel(config).eval()
+    expected = {name: value.clone() for name, value in model.state_dict().items()}
+    params = list(model.parameters())  # each tied parameter once
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+
+    model.save_pretrained(tmp_path)
+    restored = DragonflyModel.from_pretrained(tmp_path).state_dict()
+    assert restored.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(value, restored[name]), name
 
 
 def test_bfloat16_config_casts_every_parameter():
