@@ -45,6 +45,7 @@ from dragonfly.processor import ROLE_ALIASES
 from dragonfly_platform.manifest import ManifestRecord, read_manifest
 from dragonfly_platform.registry import WEIGHTS_ARTIFACT
 from dragonfly_platform.storage import StorageConfig, is_s3, join, parent, strip_scheme
+from dragonfly_platform.worker_env import settings_env
 
 log = logging.getLogger("dragonfly.evaluate")
 
@@ -313,15 +314,6 @@ class EvalResult:
     run_id: str | None  # where the evaluation was logged
 
 
-def replica_env() -> dict[str, str]:
-    """The driver's S3 and MLflow settings and credentials, for replicas that download the model
-    (they stay out of configs, as in training)."""
-    from dragonfly_platform.tracking import MLFLOW_ENV_VARS
-    from dragonfly_platform.train import AWS_ENV_VARS
-
-    return {name: os.environ[name] for name in (*AWS_ENV_VARS, *MLFLOW_ENV_VARS) if os.environ.get(name)}
-
-
 def predict_rows(
     rows: list[dict], model: ModelRef, cfg: EvalConfig, tracking_uri: str | None
 ) -> pd.DataFrame:
@@ -350,7 +342,7 @@ def predict_rows(
         concurrency=cfg.replicas,
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
-        runtime_env={"env_vars": replica_env()},
+        runtime_env={"env_vars": settings_env()},
     )
     out = ds.to_pandas().set_index("index")
     table = table.set_index("index", drop=False)

@@ -9,7 +9,6 @@ rerunning the whole job all log into one run. World rank 0 then opens that run b
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -19,22 +18,6 @@ log = logging.getLogger(__name__)
 
 RUN_DIR_TAG = "dragonfly.run_dir"
 RUN_NAME_TAG = "dragonfly.run_name"
-# Environment variables that carry the tracking server's address and credentials to the workers.
-MLFLOW_ENV_VARS = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_INSECURE_TLS",
-    "MLFLOW_S3_ENDPOINT_URL",
-)
-
-
-def worker_env(cfg: RunConfig) -> dict[str, str]:
-    """The MLflow part of the workers' runtime environment (credentials stay out of the config)."""
-    env = {name: os.environ[name] for name in MLFLOW_ENV_VARS if os.environ.get(name)}
-    env["MLFLOW_TRACKING_URI"] = cfg.tracking_uri()
-    return env
 
 
 def _artifact_root(cfg: RunConfig) -> str | None:
@@ -131,4 +114,4 @@ class RankZeroTracker:
             self.client.set_terminated(self.run_id, status=status)
 
 
-__all__ = ["RankZeroTracker", "resolve_mlflow_run", "mark_failed", "worker_env", "MLFLOW_ENV_VARS"]
+__all__ = ["RankZeroTracker", "resolve_mlflow_run", "mark_failed"]

@@ -41,17 +41,6 @@ DEEPSPEED_TAG = "deepspeed"
 TRAIN_STATE_FILE = "train_state_rank{rank}.json"
 # DeepSpeed compiles its CPU comm op on first use (~40 s); a stable folder caches it across runs.
 DEFAULT_TORCH_EXTENSIONS_DIR = os.path.expanduser("~/.cache/dragonfly/torch_extensions")
-# AWS variables a worker needs to reach s3:// storage; they travel in the runtime env, never in the
-# config, params or logs.
-AWS_ENV_VARS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,15 +153,15 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
 
 
 def worker_runtime_env(cfg: RunConfig) -> dict[str, Any]:
-    """Environment of the train workers: accelerator choice, extension cache, and the MLflow and
-    AWS settings/credentials of the driver's environment (so they stay out of configs and params)."""
-    from dragonfly_platform.tracking import worker_env
+    """Environment of the train workers: accelerator choice, extension cache, and the driver's S3
+    and MLflow settings (credentials come from the nodes' environment, see ``worker_env``)."""
+    from dragonfly_platform.worker_env import settings_env
 
     env = {
+        **settings_env(),
+        "MLFLOW_TRACKING_URI": cfg.tracking_uri(),
         "DS_ACCELERATOR": "cuda" if cfg.run.use_gpu else "cpu",
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", DEFAULT_TORCH_EXTENSIONS_DIR),
-        **{name: os.environ[name] for name in AWS_ENV_VARS if os.environ.get(name)},
-        **worker_env(cfg),
     }
     return {"env_vars": env}
 

@@ -8,6 +8,7 @@ session whatever happened. Tests pass S3 settings explicitly (`s3_server.storage
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -59,12 +60,14 @@ def _short_temp_dir(prefix: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3_server):
     """A fresh local Ray instance owned by this session (never one found on the machine).
 
     `address="local"` ignores RAY_ADDRESS and a stale /tmp/ray/ray_current_cluster; the temp dir and
     the auth token are this session's own, so concurrent sessions cannot disturb each other.
-    Workers see DS_ACCELERATOR=cpu.
+    Workers see DS_ACCELERATOR=cpu, and the S3 server's credentials in the environment they inherit
+    from the raylet, as cluster nodes get them from a Kubernetes Secret (the runtime env, which Ray
+    logs, never carries credentials).
     """
     import ray
 
@@ -75,20 +78,36 @@ def ray_cluster():
     # other session on the machine; this one gets its own token.
     saved = _set_ray_auth({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)})
     try:
-        yield ray.init(
-            address="local",
-            num_cpus=RAY_NUM_CPUS,
-            include_dashboard=False,
-            object_store_memory=RAY_OBJECT_STORE_BYTES,
-            _temp_dir=temp_dir,
-            runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},
-        )
+        with _environment(s3_server.env()):  # read by the raylet that ray.init spawns
+            context = ray.init(
+                address="local",
+                num_cpus=RAY_NUM_CPUS,
+                include_dashboard=False,
+                object_store_memory=RAY_OBJECT_STORE_BYTES,
+                _temp_dir=temp_dir,
+                runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},
+            )
+        yield context
     finally:
         ray.shutdown()
         _set_ray_auth(saved)
         # Some Ray daemons outlive shutdown() by a few seconds and keep writing logs there.
         wait_until(lambda: not processes_mentioning(temp_dir), timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextmanager
+def _environment(values: dict[str, str]):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _set_ray_auth(values: dict[str, str | None]) -> dict[str, str | None]:

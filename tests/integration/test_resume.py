@@ -84,7 +84,9 @@ def assert_same_weights(cfg, baseline):
     expected = baseline[1]
     got = final_weights(cfg)
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7, msg=key)
+        torch.testing.assert_close(
+            got[key], expected[key], rtol=1e-5, atol=1e-7, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 def test_sigkilled_worker_restarts_from_checkpoint_and_ends_like_an_uninterrupted_run(
@@ -188,7 +190,9 @@ def test_s3_outage_during_checkpoint_upload_fails_clearly_and_resumes_from_a_who
     assert len(runs) == 1
     weights = load_file(_download(cfg, "export/model.safetensors"))
     for key, value in baseline[1].items():
-        torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-7, msg=key)
+        torch.testing.assert_close(
+            weights[key], value, rtol=1e-5, atol=1e-7, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 def _download(cfg, relative: str) -> str:

