@@ -18,6 +18,7 @@ from dragonfly_platform.config import parse_run_config
 from dragonfly_platform.demo_data import write_demo_dataset
 from dragonfly_platform.services import wait_until
 from dragonfly_platform.train import run_training
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +37,9 @@ def raw_config(demo, storage_path: str, name: str, tracking_uri: str, **train) -
     raw["run"].update(name=name, storage_path=storage_path, max_failures=0)
     raw["data"].update(train_manifest=demo["train_manifest"], val_manifest=demo["val_manifest"])
     raw["mlflow"] = {"tracking_uri": tracking_uri, "experiment": "test-resume"}
-    raw["train"].update(lr=2e-3, warmup_ratio=0.1, epochs=2, checkpoint_every=2, eval_batches=0, **train)
+    raw["train"].update(
+        {"lr": 2e-3, "warmup_ratio": 0.1, "epochs": 2, "checkpoint_every": 2, "eval_batches": 0, **train}
+    )
     return raw
 
 
@@ -130,9 +133,16 @@ def test_killed_job_resumes_instead_of_restarting(baseline, demo, mlflow_server,
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     command = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(config_path)]
 
-    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    checkpoint = Path(cfg.run_dir()) / "checkpoint_step_0000002"
-    assert wait_until(lambda: checkpoint.is_dir() or first.poll() is not None, timeout=600)
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill once Ray has registered a checkpoint (its run snapshot names one): a checkpoint folder
+    # that is still uploading is rightly not resumed from.
+    snapshot = Path(cfg.run_dir()) / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    def registered() -> bool:
+        return snapshot.is_file() and "checkpoint_step_" in snapshot.read_text()
+
+    assert wait_until(lambda: registered() or first.poll() is not None, timeout=600)
+    assert first.poll() is None, "the first job ended before it could be killed"
     first.kill()
     first.wait()
     # The job's actors die with their driver; give Ray a moment to release their CPUs.
@@ -141,8 +151,9 @@ def test_killed_job_resumes_instead_of_restarting(baseline, demo, mlflow_server,
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     output = second.stdout + second.stderr
-    resumed = [line for line in output.splitlines() if "resumed from step" in line]
-    assert resumed, output[-4000:]
+    run_lines = [line for line in output.splitlines() if "[killed-job]" in line]
+    resumed = [line for line in run_lines if "resumed from step" in line]
+    assert resumed, "\n".join(run_lines[-40:]) or output[-4000:]
     assert "resumed from step 0" not in resumed[0]
     client, runs = mlflow_runs(cfg)
     assert len(runs) == 1
