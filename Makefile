@@ -21,7 +21,7 @@ quickstart: setup
 	$(BIN)/python jobs/quickstart.py
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not pending_ci"
+	$(BIN)/python -m pytest -q
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit

@@ -26,14 +26,13 @@ import time
 from multiprocessing import get_context
 from pathlib import Path
 
+from dragonfly.config import TokenConfig, ZoomConfig
+from dragonfly.processor import DragonflyProcessor
+from dragonfly.tiny import build_tiny_tokenizer
 from dragonfly_platform.data import BadRecordLog, DataConfig, build_dataset, iter_train_batches
 from dragonfly_platform.demo_data import write_demo_dataset
 from dragonfly_platform.manifest import read_manifest
 from dragonfly_platform.services import LOOPBACK_ONLY_ENV, start_ray_head
-
-from dragonfly.config import TokenConfig, ZoomConfig
-from dragonfly.processor import DragonflyProcessor
-from dragonfly.tiny import build_tiny_tokenizer
 
 
 def make_manifest(folder: Path, n_samples: int, seed: int) -> Path:

@@ -38,10 +38,11 @@ WARMUP_STEPS = 2
 def cpu_benchmark(steps: int, stages: list[int], num_cpus: float) -> list[dict]:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
+    from mlflow.tracking import MlflowClient
+
     from dragonfly_platform.config import load_run_config
     from dragonfly_platform.demo_data import write_demo_dataset
     from dragonfly_platform.train import run_training
-    from mlflow.tracking import MlflowClient
 
     work = Path(tempfile.mkdtemp(prefix="dragonfly-bench-"))
     demo = write_demo_dataset(work / "demo", n_train=64, n_val=8)

@@ -17,9 +17,11 @@ import argparse
 import json
 import sys
 
+from pydantic import ValidationError
+
+from dragonfly_platform.cli import connect_ray
 from dragonfly_platform.evaluate import EvalConfig, EvaluationError, evaluate_model
 from dragonfly_platform.manifest import ManifestFormatError
-from pydantic import ValidationError
 
 # Optional flags -> EvalConfig fields (unset flags keep the config's defaults).
 CONFIG_FLAGS = {
@@ -66,13 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    import ray
-
-    if not ray.is_initialized():
-        try:
-            ray.init(address="auto")  # the cluster of `ray job submit` or RAY_ADDRESS
-        except ConnectionError:
-            ray.init(num_cpus=args.num_ray_cpus)
+    connect_ray(args.num_ray_cpus)
     log_to = "new" if args.new_run else "none" if args.no_log else "auto"
     try:
         result = evaluate_model(

@@ -15,6 +15,7 @@ import sys
 
 import ray
 import yaml
+
 from dragonfly_platform.curation import CurationConfig, format_counts, run_curation
 
 

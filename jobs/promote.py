@@ -18,6 +18,11 @@ import json
 import logging
 import sys
 
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from dragonfly_platform.cli import connect_ray
+from dragonfly_platform.config import ConfigError
 from dragonfly_platform.registry import (
     PromotionConflict,
     PromotionError,
@@ -25,9 +30,6 @@ from dragonfly_platform.registry import (
     promote,
     rollback,
 )
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-from pydantic import ValidationError
 
 EXIT_REFUSED = 3
 EXIT_CONFLICT = 4
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except PromotionConflict as err:
         print(f"conflict: {err}", file=sys.stderr)
         return EXIT_CONFLICT
-    except (PromotionError, ValidationError, MlflowException, FileNotFoundError) as err:
+    except (PromotionError, ConfigError, MlflowException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result.__dict__, indent=2, default=str))
@@ -71,15 +73,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluator(cfg, num_ray_cpus: float | None):
-    import ray
     from dragonfly_platform.evaluate import EvalConfig, evaluator
 
     eval_cfg = EvalConfig.model_validate(cfg.eval)
-    if not ray.is_initialized():
-        try:
-            ray.init(address="auto")
-        except ConnectionError:
-            ray.init(num_cpus=num_ray_cpus)
+    connect_ray(num_ray_cpus)
     return evaluator(eval_cfg, cfg.resolved_tracking_uri())
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dragonfly_platform.cli import add_overrides_argument, connect_ray
 from dragonfly_platform.config import ConfigError
 from dragonfly_platform.tune import load_base, load_sweep_config, validate_sweep
 
@@ -24,13 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--config", required=True, help="a sweep recipe, e.g. jobs/configs/sweep_pooling.yaml"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a sweep key (num_samples=4) or a trial override (overrides.train.max_steps=8)",
+    add_overrides_argument(
+        parser,
+        "override a sweep key (num_samples=4) or a trial override (overrides.train.max_steps=8)",
     )
     parser.add_argument("--num-cpus", type=float, help="logical CPUs of a local Ray started here")
     parser.add_argument("--dry-run", action="store_true", help="validate every trial config and stop")
@@ -45,15 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{sweep.name}: {len(configs)} trial configs valid")
         return 0
 
-    import ray
     from dragonfly_platform.tune import run_sweep
 
-    if not ray.is_initialized():
-        # Join the cluster `ray job submit` (or RAY_ADDRESS) points at; with none running, start one.
-        try:
-            ray.init(address="auto")
-        except ConnectionError:
-            ray.init(num_cpus=args.num_cpus)
+    connect_ray(args.num_cpus)
     try:
         rows, paths = run_sweep(sweep)
     except ConfigError as err:

@@ -11,9 +11,9 @@ resumes from the run's latest checkpoint. Connects to a running Ray cluster when
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from dragonfly_platform.cli import add_overrides_argument, connect_ray
 from dragonfly_platform.config import ConfigError, load_run_config
 
 
@@ -22,13 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", required=True, help="a recipe, e.g. jobs/configs/tiny_stage1.yaml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (YAML scalar), e.g. --set train.lr=1e-4; repeatable",
+    add_overrides_argument(
+        parser, "override a config value (YAML scalar), e.g. --set train.lr=1e-4; repeatable"
     )
     parser.add_argument("--num-cpus", type=float, help="logical CPUs of a local Ray started here")
     args = parser.parse_args(argv)
@@ -38,18 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    # A local single-node Ray stays on 127.0.0.1 (must be set before `ray` is imported).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
+    connect_ray(args.num_cpus)
     from dragonfly_platform.train import run_training
 
-    if not ray.is_initialized():
-        # Under `ray job submit` (or with RAY_ADDRESS set) this joins that cluster; otherwise it
-        # starts a local one. Never "auto": that would join whatever cluster happens to run here.
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     result = run_training(cfg)
     print(f"run folder: {cfg.run_dir()}")
     print(f"export:     {cfg.export_dir()}")

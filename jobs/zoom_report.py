@@ -14,9 +14,9 @@ import json
 import sys
 
 import ray
-from dragonfly_platform.zoom_report import run_zoom_report
 
 from dragonfly.config import ZoomConfig
+from dragonfly_platform.zoom_report import run_zoom_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dragonfly.config import ConfigError
 from dragonfly_platform.data import DataConfig
+
+BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 
 FREEZE_PLANS = ("stage1", "stage2", "med_stage1")
 # Which parts each named freeze plan leaves trainable (dragonfly.model.apply_freeze_plan): the paper's
@@ -355,25 +357,35 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def parse_run_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
-
-
-def load_run_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read, override and validate a run config; ``ConfigError`` lists every problem at once."""
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
+    """A YAML file's top-level mapping; a missing file, bad YAML or anything else is a ConfigError."""
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise ConfigError(f"{path}: no such {what} file") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    return parse_run_config(apply_overrides(raw, list(overrides)), str(path))
+    return raw
+
+
+def validate_config(model: type[BaseModelT], raw: dict[str, Any], source: str) -> BaseModelT:
+    """``model.model_validate(raw)``, with every problem listed in one ConfigError."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def parse_run_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    return validate_config(RunConfig, raw, source)
+
+
+def load_run_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override and validate a run config; ``ConfigError`` lists every problem at once."""
+    return parse_run_config(apply_overrides(read_yaml_mapping(path), list(overrides)), str(path))
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

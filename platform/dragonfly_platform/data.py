@@ -192,7 +192,7 @@ def build_rank_dataset(
         fn_kwargs={"processor_ref": ray.put(processor), "image_root": root},
         batch_size=data_cfg.read_block_rows,
         batch_format="pyarrow",
-        concurrency=data_cfg.tokenize_concurrency,
+        compute=ray.data.TaskPoolStrategy(size=data_cfg.tokenize_concurrency),
         num_cpus=data_cfg.tokenize_num_cpus,
         **placement,
     )
@@ -210,7 +210,7 @@ def build_rank_dataset(
         batch_size=data_cfg.rows_per_block,
         batch_format="pyarrow",
         num_cpus=data_cfg.preprocess_num_cpus,
-        concurrency=data_cfg.preprocess_concurrency,
+        compute=ray.data.TaskPoolStrategy(size=data_cfg.preprocess_concurrency),
         **placement,
     )
     # Local-index order out of the stream is what makes "last index + 1" an exact resume point.

@@ -47,6 +47,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dragonfly_platform.config import read_yaml_mapping, validate_config
+
 log = logging.getLogger("dragonfly.registry")
 
 PYFUNC_NAME = "dragonfly"  # the logged model's name in a run
@@ -358,12 +360,9 @@ class PromoteConfig(BaseModel):
 
 
 def load_promote_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> PromoteConfig:
-    import yaml
-
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    raw = read_yaml_mapping(path, "promotion config")
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return PromoteConfig.model_validate(raw)
+    return validate_config(PromoteConfig, raw, str(path))
 
 
 # ---------------------------------------------------------------------------------------------

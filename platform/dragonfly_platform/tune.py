@@ -35,11 +35,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dragonfly.budget import config_report
 from dragonfly.config import LEVELS, ConfigError
-from dragonfly_platform.config import RunConfig, apply_overrides, parse_run_config
+from dragonfly_platform.config import (
+    RunConfig,
+    apply_overrides,
+    parse_run_config,
+    read_yaml_mapping,
+    validate_config,
+)
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
 # Keys the sweep itself sets for every trial (where the trial's run lives); a search may not vary
@@ -228,25 +234,10 @@ def _sampled_axes(space: Space) -> dict[str, SearchDim]:
 
 def load_sweep_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
     """Read a sweep YAML (``--set`` overrides apply to the sweep's own keys, e.g. ``num_samples=4``)."""
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such sweep config") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping, got {type(raw).__name__}")
-    raw = _apply_sweep_overrides(raw, overrides)
+    raw = _apply_sweep_overrides(read_yaml_mapping(path, "sweep config"), overrides)
     if isinstance(raw.get("base"), str):
         raw["base"] = str((Path(path).parent / raw["base"]).resolve())
-    try:
-        return SweepConfig.model_validate(raw)
-    except ValidationError as err:
-        lines = [
-            f"  - {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
-        ]
-        raise ConfigError(f"{path}: {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+    return validate_config(SweepConfig, raw, str(path))
 
 
 def _apply_sweep_overrides(raw: dict[str, Any], overrides) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
 from dragonfly_platform.services import (
     LOOPBACK_ONLY_ENV,
     processes_mentioning,
@@ -29,29 +30,11 @@ RAY_OBJECT_STORE_BYTES = 1536 * 1024**2
 RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
-# Integration suites that were written but have not yet run green end to end on a CI-like machine
-# (the session that wrote them ran out of time while the box was oversubscribed). They are collected
-# and runnable (`pytest -m pending_ci`); `make test` deselects them until each is verified and
-# removed from this set. The issue notes say what each one still needs.
-PENDING_CI = {
-    "test_curation.py",
-    "test_data_pipeline.py",
-    "test_evaluate.py",
-    "test_job_submit.py",
-    "test_resume.py",
-    "test_services.py",
-    "test_sweep.py",
-    "test_train.py",
-}
-
-
 def pytest_collection_modifyitems(config, items):
     here = Path(__file__).parent
     for item in items:
         if here in item.path.parents:
             item.add_marker(pytest.mark.integration)
-            if item.path.name in PENDING_CI:
-                item.add_marker(pytest.mark.pending_ci)
 
 
 def _short_temp_dir(prefix: str) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
+
 from dragonfly_platform.curation import (
     CurationConfig,
     CurationSource,
@@ -20,7 +22,6 @@ from dragonfly_platform.curation import (
 )
 from dragonfly_platform.manifest import read_manifest
 from dragonfly_platform.storage import StorageConfig
-from PIL import Image
 
 
 def _ask(question: str, answer: str = "An answer.", image: bool = True) -> list[dict]:

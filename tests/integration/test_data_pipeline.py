@@ -11,6 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import s3fs
+from PIL import Image
+
+from dragonfly.config import TokenConfig, ZoomConfig
+from dragonfly.processor import DragonflyProcessor
+from dragonfly.tiny import build_tiny_tokenizer
+from dragonfly.zoom import make_crops
 from dragonfly_platform.data import (
     BadRecordLog,
     DataConfig,
@@ -25,12 +31,6 @@ from dragonfly_platform.demo_data import PLANTED_BAD_REASONS, write_demo_dataset
 from dragonfly_platform.manifest import ManifestFormatError, read_manifest
 from dragonfly_platform.services import start_s3
 from dragonfly_platform.storage import StorageConfig, StorageUnavailableError
-from PIL import Image
-
-from dragonfly.config import TokenConfig, ZoomConfig
-from dragonfly.processor import DragonflyProcessor
-from dragonfly.tiny import build_tiny_tokenizer
-from dragonfly.zoom import make_crops
 
 ZOOM = ZoomConfig(resolution=28, max_image_pixels=4_000_000)
 MAX_LENGTH = 256

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
+from test_registry import log_training_run, write_tiny_export
+
 from dragonfly_platform.evaluate import (
     EvalConfig,
     EvaluationError,
@@ -21,8 +24,6 @@ from dragonfly_platform.evaluate import (
 )
 from dragonfly_platform.manifest import ManifestRecord, read_manifest
 from dragonfly_platform.registry import register_challenger
-from mlflow.tracking import MlflowClient
-from test_registry import log_training_run, write_tiny_export
 
 REPO = Path(__file__).resolve().parents[2]
 N_VAL = 6

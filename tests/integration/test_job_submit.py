@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from dragonfly_platform.services import processes_mentioning, stack_down, stack_up
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,8 +48,9 @@ def stack(tmp_path_factory):
 
 def test_submitted_training_job_checkpoints_to_s3_and_logs_to_mlflow(stack, tmp_path):
     import s3fs
-    from dragonfly_platform.demo_data import write_demo_dataset
     from mlflow import MlflowClient
+
+    from dragonfly_platform.demo_data import write_demo_dataset
 
     write_demo_dataset(tmp_path / "demo", 16, 4, 0, False)
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **stack.s3.storage_options())

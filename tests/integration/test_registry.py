@@ -16,6 +16,8 @@ import time
 import uuid
 
 import pytest
+from mlflow.tracking import MlflowClient
+
 from dragonfly_platform.registry import (
     CHALLENGER,
     CHAMPION,
@@ -31,7 +33,6 @@ from dragonfly_platform.registry import (
     promote,
     rollback,
 )
-from mlflow.tracking import MlflowClient
 
 EXPERIMENT = "registry-tests"
 

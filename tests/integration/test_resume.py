@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+from safetensors.torch import load_file
+
 from dragonfly_platform.config import parse_run_config
 from dragonfly_platform.demo_data import write_demo_dataset
 from dragonfly_platform.services import wait_until
 from dragonfly_platform.train import run_training
-from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "jobs" / "configs"

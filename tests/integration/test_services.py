@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from dragonfly_platform.services import (
     ServiceError,
     Stack,

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
+
+from dragonfly.budget import config_report
 from dragonfly_platform.demo_data import write_demo_dataset
 from dragonfly_platform.tune import (
     EXACT_MATCH,
@@ -27,9 +30,6 @@ from dragonfly_platform.tune import (
     resolve_trial_config,
     run_sweep,
 )
-from mlflow.tracking import MlflowClient
-
-from dragonfly.budget import config_report
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_BASE = str(REPO / "jobs" / "configs" / "tiny_stage1.yaml")

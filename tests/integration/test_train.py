@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
+
 from dragonfly_platform.config import parse_run_config
 from dragonfly_platform.demo_data import write_demo_dataset
 from dragonfly_platform.train import DEEPSPEED_TAG, run_training
-from safetensors.torch import load_file
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 N_TRAIN, N_VAL = 32, 8

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
 from dragonfly_platform.config import parse_run_config
 from dragonfly_platform.deepspeed_config import (
     build_deepspeed_config,

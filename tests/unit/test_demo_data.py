@@ -8,16 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dragonfly_platform.demo_data import PLANTED_BAD_REASONS, write_demo_dataset
-from dragonfly_platform.manifest import read_manifest
-from dragonfly_platform.storage import StorageConfig
-from dragonfly_platform.zoom_report import EXIF_ORIENTATION, header_size, plot_cdf, summarize, zoom_ratio
 from PIL import Image
 
 from dragonfly.config import TokenConfig, ZoomConfig
 from dragonfly.processor import DragonflyProcessor, RecordError
 from dragonfly.tiny import build_tiny_tokenizer
 from dragonfly.zoom import make_crops
+from dragonfly_platform.demo_data import PLANTED_BAD_REASONS, write_demo_dataset
+from dragonfly_platform.manifest import read_manifest
+from dragonfly_platform.storage import StorageConfig
+from dragonfly_platform.zoom_report import EXIF_ORIENTATION, header_size, plot_cdf, summarize, zoom_ratio
 
 
 def _digest(folder: Path) -> dict[str, str]:

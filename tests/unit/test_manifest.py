@@ -7,6 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from dragonfly_platform.manifest import ManifestFormatError, read_manifest, write_jsonl
 from dragonfly_platform.storage import StorageConfig, join
 

@@ -5,6 +5,8 @@ import math
 
 import pandas as pd
 import pytest
+from pydantic import ValidationError
+
 from dragonfly_platform.registry import (
     GateConfig,
     LockHolder,
@@ -13,7 +15,6 @@ from dragonfly_platform.registry import (
     decode_messages_cell,
     gate,
 )
-from pydantic import ValidationError
 
 GATE = GateConfig(thresholds={"exact_match": 0.5}, max_regression={"exact_match": 0.02, "token_f1": 0.05})
 

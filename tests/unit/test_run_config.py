@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from dragonfly_platform.config import (
     ConfigError,
     RunConfig,

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
+
+from dragonfly.budget import config_report
+from dragonfly.config import ConfigError, TokenConfig, ZoomConfig
 from dragonfly_platform.tune import (
     GRID_KEY,
     IMAGE_TOKENS,
@@ -27,10 +31,6 @@ from dragonfly_platform.tune import (
     validation_points,
     write_results,
 )
-from PIL import Image
-
-from dragonfly.budget import config_report
-from dragonfly.config import ConfigError, TokenConfig, ZoomConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 TINY_BASE = str(CONFIGS / "tiny_stage1.yaml")
