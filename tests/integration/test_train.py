@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from dragonfly.model import DragonflyModel
 from dragonfly_platform.config import parse_run_config
 from dragonfly_platform.demo_data import write_demo_dataset
 from dragonfly_platform.train import DEEPSPEED_TAG, run_training
@@ -57,13 +58,18 @@ def losses(client, run_id):
     return {m.step: m.value for m in history}
 
 
-def export_weights(export_dir: str, storage=None) -> dict[str, torch.Tensor]:
+def local_export(export_dir: str, storage=None) -> str:
+    """The export folder on this machine (downloaded first when it lives on S3)."""
     if export_dir.startswith("s3://"):
         fs = storage.filesystem(export_dir)
         local = Path(os.environ.get("TMPDIR", "/tmp")) / f"export-{os.getpid()}-{abs(hash(export_dir))}"
         fs.get(export_dir.removeprefix("s3://") + "/", str(local), recursive=True)
-        export_dir = str(local)
-    return load_file(os.path.join(export_dir, "model.safetensors"))
+        return str(local)
+    return export_dir
+
+
+def export_weights(export_dir: str, storage=None) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(local_export(export_dir, storage), "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -141,16 +147,25 @@ def test_checkpoint_holds_the_exported_weights(zero_runs):
 def test_zero3_export_equals_zero0_export(zero_runs, s3_env):
     cfg0, _ = zero_runs[0]
     cfg3, _ = zero_runs[3]
-    w0 = export_weights(cfg0.export_dir())
-    w3 = export_weights(cfg3.export_dir(), cfg3.data.storage)
-    assert w0.keys() == w3.keys()
-    # The stages sum gradients in different orders; Adam turns those last-bit differences into
-    # parameter differences of a small fraction of one step (lr): allow 0.2% of it.
-    atol = 2e-3 * cfg0.train.lr
-    for key in w0:
-        torch.testing.assert_close(
-            w3[key], w0[key], rtol=1e-4, atol=atol, msg=lambda m, key=key: f"{key}: {m}"
-        )
+    dir0, dir3 = local_export(cfg0.export_dir()), local_export(cfg3.export_dir(), cfg3.data.storage)
+    w0, w3 = (load_file(os.path.join(d, "model.safetensors")) for d in (dir0, dir3))
+    assert {k: (v.shape, v.dtype) for k, v in w0.items()} == {k: (v.shape, v.dtype) for k, v in w3.items()}
+    # The stages sum gradients in different orders, and Adam turns last-bit noise in gradients that
+    # are zero in exact arithmetic (attention key biases) into steps of up to lr. So: the weights as a
+    # whole agree to 1e-4 relative (a mis-gathered or missing shard is off by ~1), and the two
+    # models compute the same outputs.
+    diff = sum(float((w3[k] - w0[k]).double().pow(2).sum()) for k in w0) ** 0.5
+    norm = sum(float(w0[k].double().pow(2).sum()) for k in w0) ** 0.5
+    assert diff < 1e-4 * norm, (diff, norm)
+
+    m0, m3 = (DragonflyModel.from_pretrained(d).eval() for d in (dir0, dir3))
+    r, image_id = m0.config.zoom.resolution, m0.config.image_token_id
+    input_ids = torch.tensor([[1, 2, 3] + [image_id] * m0.layout.positions + [4, 5, 6]])
+    pixels = torch.randint(0, 256, (1, m0.layout.n_crops, 3, r, r), dtype=torch.uint8)
+    with torch.no_grad():
+        logits0 = m0(input_ids=input_ids, pixels=pixels).logits
+        logits3 = m3(input_ids=input_ids, pixels=pixels).logits
+    torch.testing.assert_close(logits3, logits0, rtol=1e-3, atol=1e-4)
 
 
 def test_zero3_checkpoints_live_on_s3_with_every_rank_shard(zero_runs, s3_env):
