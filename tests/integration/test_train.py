@@ -160,7 +160,8 @@ def test_zero3_export_equals_zero0_export(zero_runs, s3_env):
 
     m0, m3 = (DragonflyModel.from_pretrained(d).eval() for d in (dir0, dir3))
     r, image_id = m0.config.zoom.resolution, m0.config.image_token_id
-    input_ids = torch.tensor([[1, 2, 3] + [image_id] * m0.layout.positions + [4, 5, 6]])
+    text = [t for t in range(1, 9) if t != image_id]
+    input_ids = torch.tensor([text[:3] + [image_id] * m0.layout.positions + text[3:6]])
     pixels = torch.randint(0, 256, (1, m0.layout.n_crops, 3, r, r), dtype=torch.uint8)
     with torch.no_grad():
         logits0 = m0(input_ids=input_ids, pixels=pixels).logits
