@@ -40,13 +40,14 @@ def cpu_benchmark(steps: int, stages: list[int], num_cpus: float) -> list[dict]:
     import ray
     from mlflow.tracking import MlflowClient
 
+    from dragonfly_platform.cli import start_local_ray
     from dragonfly_platform.config import load_run_config
     from dragonfly_platform.demo_data import write_demo_dataset
     from dragonfly_platform.train import run_training
 
     work = Path(tempfile.mkdtemp(prefix="dragonfly-bench-"))
     demo = write_demo_dataset(work / "demo", n_train=64, n_val=8)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    start_local_ray(num_cpus)
     rows = []
     try:
         for stage in stages:

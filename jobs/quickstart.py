@@ -61,13 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    wrote {summary['n_train']} train / {summary['n_val']} val records to {data}")
 
     _step(2, "local Ray")
-    # A single-node Ray on 127.0.0.1 (must be set before `ray` is imported).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
+    from dragonfly_platform.cli import start_local_ray
 
     # Logical CPUs above the core count: the train workers take 0.5 each and Ray Data's map tasks
     # need slots of their own, or they starve (stack-facts: the 2-CPU deadlock).
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=True)
+    start_local_ray(args.num_cpus)
+    import ray
 
     from dragonfly_platform.train import run_training
 

@@ -15,6 +15,18 @@ def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:
     )
 
 
+def start_local_ray(num_cpus: float | None = None) -> None:
+    """A single-node Ray on 127.0.0.1 owned by this process.
+
+    The dashboard runs, on loopback: Ray Train's placement-group cleaner asks the state API (served
+    by the dashboard) whether the controller lives, and warns every few seconds without it.
+    """
+    os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")  # effective if `ray` is not imported yet
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+
+
 def connect_ray(num_cpus: float | None = None) -> None:
     """Join the cluster this job was submitted to, or start a local single-node Ray.
 
@@ -22,7 +34,7 @@ def connect_ray(num_cpus: float | None = None) -> None:
     local Ray starts on 127.0.0.1 with ``num_cpus`` logical CPUs. Never ``address="auto"``: that
     would join whatever cluster happens to run on the machine (a test's, a stale one).
     """
-    os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")  # effective if `ray` is not imported yet
+    os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")  # before `ray` is first imported
     import ray
 
     if ray.is_initialized():
@@ -30,4 +42,4 @@ def connect_ray(num_cpus: float | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        start_local_ray(num_cpus)

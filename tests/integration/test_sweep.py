@@ -92,10 +92,7 @@ def test_tiny_sweep_logs_parent_children_table_and_plot(ray_cluster, mlflow_serv
         demo_data,
         mlflow_server.tracking_uri,
         search=[
-            {
-                "model.zoom.levels": {"grid": [["low", "medium"]]},
-                "model.tokens.tokens.medium": {"grid": [4, 1]},
-            },
+            {"model.zoom.levels": {"grid": [["low", "medium"]]}, "model.tokens.tokens.medium": {"grid": [4]}},
             {"model.zoom.levels": {"grid": [["low", "high"]]}},
         ],
         exact_match_samples=4,
@@ -105,12 +102,12 @@ def test_tiny_sweep_logs_parent_children_table_and_plot(ray_cluster, mlflow_serv
     sweep = load_sweep_config(path)
     rows, paths = run_sweep(sweep)
 
-    assert len(rows) == 3 and all(r["status"] == "complete" for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] == "complete" for r in rows), rows
     assert all(r["reports"] == 2 for r in rows)  # steps 2 and 4, each with a validation loss
 
     client = MlflowClient(mlflow_server.tracking_uri)
     parents, children = sweep_runs(client, f"sweep-{tmp_path.name}")
-    assert len(parents) == 1 and len(children) == 3
+    assert len(parents) == 1 and len(children) == 2
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags[SWEEP_DIR_TAG] == f"{tmp_path}/runs/sweeps/tiny"
@@ -141,8 +138,8 @@ def test_tiny_sweep_logs_parent_children_table_and_plot(ray_cluster, mlflow_serv
         assert child.data.metrics["val_loss"] == pytest.approx(row["val_loss"])
         assert child.data.metrics[EXACT_MATCH] == pytest.approx(row[EXACT_MATCH])
         assert 0.0 <= row[EXACT_MATCH] <= 1.0
-    # L+M with 4 and 1 medium tokens, L+H with the tiny default 1: 16 + 4*4, 16 + 4*1, 16 + 36*1.
-    assert sorted(r[IMAGE_TOKENS] for r in rows) == [20, 32, 52]
+    # L+M with 4 medium tokens, L+H with the tiny default 1: 16 + 4*4, 16 + 36*1.
+    assert sorted(r[IMAGE_TOKENS] for r in rows) == [32, 52]
 
     # The results table and the plot, locally and on the parent run, agree with the trials.
     with open(paths["csv"]) as f:
