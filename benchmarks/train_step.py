@@ -59,6 +59,7 @@ def cpu_benchmark(steps: int, stages: list[int], num_cpus: float) -> list[dict]:
                     f"data.train_manifest={demo['train_manifest']}",
                     f"data.val_manifest={demo['val_manifest']}",
                     "train.freeze=stage2",  # everything trains (ZeRO-3 refuses a frozen tower)
+                    "model.vision.chunk_size=82",  # one ViT call per micro-batch, as ZeRO-3 needs
                     f"train.zero_stage={stage}",
                     f"train.max_steps={steps}",
                     f"train.checkpoint_every={steps}",
