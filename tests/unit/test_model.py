@@ -334,13 +334,16 @@ def test_config_json_round_trip_and_unknown_keys():
         DragonflyModel(DragonflyConfig.tiny(VOCAB, IMAGE_ID, zoom={"resolution": 56}))
 
 
+def seeded_tiny_model(tie_word_embeddings: bool) -> DragonflyModel:
+    torch.manual_seed(0)
+    llm_config = {**tiny_llama_config(VOCAB), "tie_word_embeddings": tie_word_embeddings}
+    return DragonflyModel(DragonflyConfig.tiny(VOCAB, IMAGE_ID, llm_config=llm_config)).eval()
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_save_load_round_trip_is_bit_exact(tmp_path, tie):
-    torch.manual_seed(0)
-    config = DragonflyConfig.tiny(
-        VOCAB, IMAGE_ID, llm_config={**tiny_llama_config(VOCAB), "tie_word_embeddings": tie}
-    )
-    model = DragonflyModel(config).eval()
+    model = seeded_tiny_model(tie)
+    config = model.config
     model.save_pretrained(tmp_path)
     loaded = DragonflyModel.from_pretrained(tmp_path).eval()
     original, restored = model.state_dict(), loaded.state_dict()
@@ -358,11 +361,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, tie):
 @pytest.mark.parametrize("tie", [False, True])
 def test_save_works_when_parameters_are_views_of_one_flat_buffer(tmp_path, tie):
     """ZeRO-1/2 rebind every parameter to a view of one flat buffer; export must still work."""
-    torch.manual_seed(0)
-    config = DragonflyConfig.tiny(
-        VOCAB, IMAGE_ID, llm_config={**tiny_llama_config(VOCAB), "tie_word_embeddings": tie}
-    )
-    model = DragonflyModel(config).eval()
+    model = seeded_tiny_model(tie)
     expected = {name: value.clone() for name, value in model.state_dict().items()}
     params = list(model.parameters())  # each tied parameter once
     flat = torch.cat([p.detach().reshape(-1) for p in params])
