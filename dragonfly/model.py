@@ -367,14 +367,13 @@ class DragonflyModel(nn.Module):
         if attention_mask is not None:
             # Positions count real tokens only, so left- and right-padded batches agree.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        out = self.llm(
+        return self.llm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             labels=labels,
             use_cache=False,
         )
-        return out
 
     # -- generation ------------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ session whatever happened. Tests pass S3 settings explicitly (`s3_server.storage
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -61,7 +60,9 @@ def ray_cluster(s3_server):
     # other session on the machine; this one gets its own token.
     saved = _set_ray_auth({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)})
     try:
-        with _environment(s3_server.env()):  # read by the raylet that ray.init spawns
+        with pytest.MonkeyPatch.context() as env:  # read by the raylet that ray.init spawns
+            for key, value in s3_server.env().items():
+                env.setenv(key, value)
             context = ray.init(
                 address="local",
                 num_cpus=RAY_NUM_CPUS,
@@ -77,20 +78,6 @@ def ray_cluster(s3_server):
         # Some Ray daemons outlive shutdown() by a few seconds and keep writing logs there.
         wait_until(lambda: not processes_mentioning(temp_dir), timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@contextmanager
-def _environment(values: dict[str, str]):
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _set_ray_auth(values: dict[str, str | None]) -> dict[str, str | None]:

@@ -164,10 +164,8 @@ def test_killed_job_resumes_instead_of_restarting(baseline, demo, mlflow_server,
 
 
 def test_s3_outage_during_checkpoint_upload_fails_clearly_and_resumes_from_a_whole_checkpoint(
-    baseline, demo, mlflow_server, s3_server, monkeypatch
+    baseline, demo, mlflow_server, s3_server, s3_env
 ):
-    for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
     raw = raw_config(
         demo, "s3://test-bucket/resume-runs", "s3-outage", mlflow_server.tracking_uri, checkpoint_every=1
     )

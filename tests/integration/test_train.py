@@ -77,20 +77,16 @@ def zero_runs(ray_cluster, demo_data, mlflow_server, s3_server, tmp_path_factory
     """The same run (seed, data, steps) with ZeRO-0 and ZeRO-2 on local storage and ZeRO-3 on S3 (the
     S3 credentials and a planted MLflow password travel in the environment only)."""
     local = tmp_path_factory.mktemp("runs")
-    saved = dict(os.environ)
-    os.environ.update(
-        {**s3_server.env(), "MLFLOW_TRACKING_PASSWORD": PLANTED_PASSWORD, "MLFLOW_TRACKING_USERNAME": "u"}
-    )
+    secrets = {"MLFLOW_TRACKING_PASSWORD": PLANTED_PASSWORD, "MLFLOW_TRACKING_USERNAME": "u"}
     results = {}
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {**s3_server.env(), **secrets}.items():
+            env.setenv(key, value)
         for stage, storage in ((0, str(local)), (2, str(local)), (3, "s3://test-bucket/train-runs")):
             cfg = tiny_config(
                 demo_data, storage, f"zero{stage}", mlflow_server.tracking_uri, zero_stage=stage
             )
             results[stage] = (cfg, run_training(cfg))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
     return results
 
 
