@@ -115,7 +115,7 @@ def floor(config: ZoomConfig) -> Callable[[bytes], bytes]:
     def run(data: bytes) -> bytes:
         image = open_image(data, config, source="floor")
         columns, rows = high_grid_of(choose_grid(image.size, config), config)
-        return resizer.chw(resizer.resize(resizer.prepare(image), (columns * R, rows * R))).tobytes()
+        return resizer.hwc(resizer.resize(resizer.prepare(image), (columns * R, rows * R))).tobytes()
 
     return run
 

@@ -33,7 +33,7 @@ from dragonfly.budget import image_token_layout
 from dragonfly.config import ConfigError, TokenConfig, ZoomConfig, config_from_dict
 from dragonfly.pooling import PerceiverConfig, PerceiverResampler, mean_pool
 from dragonfly.vision import VisionConfig, VisionTower
-from dragonfly.zoom import make_crops
+from dragonfly.zoom import make_crops, stack_crops
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -431,11 +431,11 @@ class DragonflyModel(nn.Module):
             input_ids[row, width - len(prompt) :] = torch.from_numpy(prompt.astype("int64"))
             attention_mask[row, width - len(prompt) :] = 1
         crops = [
-            torch.from_numpy(make_crops(image, self.config.zoom, source=f"<image {i}>").pixels)
+            make_crops(image, self.config.zoom, source=f"<image {i}>").pixels
             for i, image in enumerate(images)
             if image is not None
         ]
-        pixels = torch.stack(crops).to(device) if crops else None  # (I, K, 3, R, R) uint8
+        pixels = stack_crops(crops).to(device) if crops else None  # (I, K, 3, R, R) uint8
         generate_kwargs.setdefault("eos_token_id", processor.tokenizer.eos_token_id)
         new_tokens = self.generate(
             input_ids.to(device),

@@ -41,6 +41,7 @@ from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerBase
 
 from dragonfly.budget import ImageTokenLayout, image_token_layout
 from dragonfly.config import TokenConfig, ZoomConfig
+from dragonfly.zoom import stack_crops
 
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
@@ -357,14 +358,16 @@ def collate(
         "attention_mask": attention_mask,
         "has_image": torch.tensor([p is not None for p in pixels], dtype=torch.bool),
     }
-    images = [torch.as_tensor(p) for p in pixels if p is not None]
+    images = [p for p in pixels if p is not None]
     if images:
         shapes = {tuple(img.shape) for img in images}
-        if len(shapes) != 1 or any(img.dtype != torch.uint8 for img in images):
+        dtypes = {str(img.dtype).removeprefix("torch.") for img in images}
+        if len(shapes) != 1 or len(shapes.pop()) != 4 or dtypes != {"uint8"}:
             raise ValueError(
-                f"pixels must be uint8 of one shape, got {sorted(shapes)} / {[img.dtype for img in images]}"
+                f"pixels must be uint8 (n_tiles, 3, R, R) of one shape, got "
+                f"{sorted({tuple(img.shape) for img in images})} / {sorted(dtypes)}"
             )
-        out["pixels"] = torch.stack(images)  # (n_images, n_tiles, 3, R, R)
+        out["pixels"] = stack_crops(images)  # (n_images, n_tiles, 3, R, R), channels-last
     return out
 
 

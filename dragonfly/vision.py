@@ -165,7 +165,10 @@ class VisionTower(nn.Module):
         """uint8 (N, 3, R, R) -> CLIP-normalised (N, 3, R, R) in the tower's compute dtype."""
         mean = torch.tensor(self.pixel_mean, device=crops.device).view(1, 3, 1, 1)
         std = torch.tensor(self.pixel_std, device=crops.device).view(1, 3, 1, 1)
-        x = (crops.float() / 255.0 - mean) / std  # float32 math, then one cast
+        # Planar float whatever the crops' layout (the data pipeline ships channels-last uint8), so
+        # the patch convolution computes the same numbers for both.
+        x = crops.to(torch.float32, memory_format=torch.contiguous_format)
+        x = (x / 255.0 - mean) / std  # float32 math, then one cast
         return x.to(self.visual.conv1.weight.dtype)
 
     def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

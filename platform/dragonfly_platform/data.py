@@ -23,13 +23,15 @@ Row schema (pyarrow)::
 
     id: string, local_index: int64, source: string, has_image: bool,
     input_ids: list<int32>, labels: list<int32>,
-    pixels: large_binary   # exactly n_tiles*3*R*R bytes (uint8 (n_tiles, 3, R, R), C order) for image
-                           # rows, 0 bytes for text-only and bad rows
+    pixels: large_binary   # exactly n_tiles*R*R*3 bytes (uint8 (n_tiles, R, R, 3), C order: the crop
+                           # engine's channels-last tiles) for image rows, 0 bytes for text-only and bad rows
     bad_reason: string (null when good), bad_message: string
 
 Pixels travel as a fixed-length binary field rather than a tensor column: every image row has the
-same size (13.9 MB at R=336, 41 crops), text-only rows cost nothing, and the consumer views the bytes
-as the array without a copy.
+same size (13.9 MB at R=336, 41 crops), text-only rows cost nothing, the crop task writes a block's
+crops into one buffer that becomes the column, and the consumer views the bytes as the array: the
+only copies of a sample's pixels are the crop engine's write, the object store's, and the batch
+collation's.
 """
 
 from __future__ import annotations
@@ -289,32 +291,34 @@ def fetch_images(batch: pa.Table, *, storage: StorageConfig, threads: int) -> pa
 
 def make_crop_rows(batch: pa.Table, *, zoom: ZoomConfig) -> pa.Table:
     """Decode each fetched image and make its crops; undecodable or oversized images become bad rows
-    with the crop engine's reason (``truncated``, ``not_an_image``, ``too_many_pixels``, ...)."""
+    with the crop engine's reason (``truncated``, ``not_an_image``, ``too_many_pixels``, ...).
+
+    The crop engine writes every sample's tiles straight into one buffer for the block, which
+    becomes the ``pixels`` column without a copy.
+    """
     from dragonfly.zoom import ImageError, make_crops
 
     image_bytes = batch.column("image_bytes").to_pylist()
     rows = batch.drop_columns(["image_bytes"]).to_pylist()
-    expected = (zoom.n_tiles, 3, zoom.resolution, zoom.resolution)
-    pixels: list[bytes] = []
-    for row, data in zip(rows, image_bytes, strict=False):
-        if data is None or row["bad_reason"] is not None:
-            pixels.append(b"")
-            continue
+    wanted = [i for i, data in enumerate(image_bytes) if data is not None and rows[i]["bad_reason"] is None]
+    buffer = np.empty((len(wanted), *wire_shape(zoom)), dtype=np.uint8)  # (k, n_tiles, R, R, 3)
+    sizes = np.zeros(len(rows), np.int64)
+    done = 0
+    for i in wanted:
+        row = rows[i]
         try:
-            crops = make_crops(data, zoom, source=row["source"]).pixels  # (n_tiles, 3, R, R) uint8
+            make_crops(image_bytes[i], zoom, source=row["source"], out=buffer[done])
         except ImageError as err:
             row["bad_reason"], row["bad_message"] = err.reason, f"record {row['id']}: {err}"
-            pixels.append(b"")
-            continue
-        if crops.shape != expected or crops.dtype != np.uint8:
-            raise AssertionError(
-                f"crop engine returned {crops.dtype} {crops.shape}, expected uint8 {expected}"
-            )
-        pixels.append(np.ascontiguousarray(crops).tobytes())
-    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA.remove(ROW_SCHEMA.get_field_index("pixels")))
-    return table.add_column(
-        ROW_SCHEMA.get_field_index("pixels"), "pixels", pa.array(pixels, pa.large_binary())
+            continue  # the next image reuses this slot
+        sizes[i] = buffer[done].nbytes
+        done += 1
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    pixels = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(rows), [None, pa.py_buffer(offsets), pa.py_buffer(buffer[:done])]
     )
+    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA.remove(ROW_SCHEMA.get_field_index("pixels")))
+    return table.add_column(ROW_SCHEMA.get_field_index("pixels"), "pixels", pixels)
 
 
 def _append(out, row, source, has_image, input_ids, labels, pixels, reason, message) -> None:
@@ -398,16 +402,19 @@ class BadRecordLog:
         return {"seen": self.seen, "good": self.good, "bad": self.bad, "bad_by_reason": dict(self.reasons)}
 
 
-def pixels_shape(zoom: ZoomConfig) -> tuple[int, int, int, int]:
-    return (zoom.n_tiles, 3, zoom.resolution, zoom.resolution)
+def wire_shape(zoom: ZoomConfig) -> tuple[int, int, int, int]:
+    """The layout of an image row's ``pixels`` bytes: C-order (n_tiles, R, R, 3), the crop engine's
+    channels-last tiles as they are in memory."""
+    return (zoom.n_tiles, zoom.resolution, zoom.resolution, 3)
 
 
 def iter_samples(
     ds, *, zoom: ZoomConfig, bad_log: BadRecordLog, prefetch_batches: int = 2
 ) -> Iterator[dict[str, Any]]:
     """Good samples in stream order: ``{"id", "local_index", "input_ids", "labels", "pixels"}``
-    (``pixels`` uint8 ``(n_tiles, 3, R, R)`` or ``None`` for text-only). Bad rows go to ``bad_log``."""
-    shape = pixels_shape(zoom)
+    (``pixels`` uint8 ``(n_tiles, 3, R, R)``, a read-only channels-last view of the block, or ``None``
+    for text-only). Bad rows go to ``bad_log``."""
+    shape = wire_shape(zoom)
     # batch_size=None: whole blocks as they come (no copy; re-batching would concatenate 14 MB rows).
     # prefetch_batches then counts blocks.
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_batches):
@@ -423,8 +430,10 @@ def iter_samples(
                 "local_index": columns["local_index"][i],
                 "input_ids": np.asarray(columns["input_ids"][i], np.int32),
                 "labels": np.asarray(columns["labels"][i], np.int32),
-                # Copy: views of the object store are read-only and torch wants writable memory.
-                "pixels": pixel_views[i].reshape(shape).copy() if columns["has_image"][i] else None,
+                # No copy here: collate's stack is the one copy out of the object store.
+                "pixels": pixel_views[i].reshape(shape).transpose(0, 3, 1, 2)
+                if columns["has_image"][i]
+                else None,
             }
     bad_log.check(final=True)
 
@@ -487,5 +496,5 @@ __all__ = [
     "make_crop_rows",
     "iter_samples",
     "iter_train_batches",
-    "pixels_shape",
+    "wire_shape",
 ]

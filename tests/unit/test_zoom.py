@@ -11,11 +11,21 @@ import math
 import numpy as np
 import pytest
 import skimage.data
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers.image_processing_utils import select_best_resolution as hf_select_best_resolution
 
 from dragonfly.config import ZoomConfig
-from dragonfly.zoom import RESIZERS, Crops, choose_grid, make_crops, select_best_resolution
+from dragonfly.zoom import (
+    RESIZERS,
+    Crops,
+    _bicubic,
+    choose_grid,
+    make_crops,
+    select_best_resolution,
+    stack_crops,
+)
 
 BICUBIC = Image.Resampling.BICUBIC
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "camera")
@@ -124,7 +134,9 @@ def test_output_shape_dtype_and_metadata_at_the_real_resolution():
     img = photo("coffee")  # 600x400
     crops = make_crops(img, ZoomConfig())
     assert crops.pixels.shape == (41, 3, 336, 336)
-    assert crops.pixels.dtype == np.uint8 and crops.pixels.flags.c_contiguous
+    assert crops.pixels.dtype == np.uint8
+    # One buffer in channels-last order: (41, 336, 336, 3) in C order, viewed as (41, 3, 336, 336).
+    assert crops.pixels.transpose(0, 2, 3, 1).flags.c_contiguous
     assert crops.native_size == (600, 400)
     assert (crops.medium_grid, crops.high_grid) == ((2, 2), (6, 6))
     assert crops.zoom_ratio == pytest.approx(2016 / 600)
@@ -203,10 +215,10 @@ def sharp_images() -> dict[str, np.ndarray]:
 
 
 def resize_diff(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """|fast - pil| of one resize, (3, h, w)."""
+    """|fast - pil| of one resize, (h, w, 3)."""
     pil, fast = RESIZERS["pil"], RESIZERS["torch"]
-    expected = pil.chw(pil.resize(pil.prepare(img), size)).astype(np.int16)
-    return np.abs(fast.chw(fast.resize(fast.prepare(img), size)).astype(np.int16) - expected)
+    expected = pil.hwc(pil.resize(pil.prepare(img), size)).astype(np.int16)
+    return np.abs(fast.hwc(fast.resize(fast.prepare(img), size)).astype(np.int16) - expected)
 
 
 def assert_within_bound(img: Image.Image, size: tuple[int, int], label: str):
@@ -282,3 +294,36 @@ def test_backends_agree_end_to_end():
         fast.high_grid,
         fast.native_size,
     )
+
+
+def test_crops_go_into_a_given_buffer_and_a_wrong_buffer_is_refused():
+    img = photo("coffee")
+    config = ZoomConfig(resolution=28)
+    batch = np.zeros((2, config.n_tiles, 28, 28, 3), np.uint8)
+    crops = make_crops(img, config, out=batch[1])
+    assert np.shares_memory(crops.pixels, batch[1])
+    np.testing.assert_array_equal(batch[1].transpose(0, 3, 1, 2), make_crops(img, config).pixels)
+    assert not batch[0].any()
+    with pytest.raises(ValueError, match="C-contiguous uint8"):
+        make_crops(img, config, out=np.zeros((config.n_tiles, 3, 28, 28), np.uint8))
+
+
+@pytest.mark.parametrize("size_hw", [(2016, 2016), (336, 1344), (100, 37)])
+def test_channels_last_resize_equals_torch_interpolate(size_hw):
+    """The fast backend calls the ATen op behind ``F.interpolate`` with a channels-last output; a
+    torch upgrade that changed the op would show here."""
+    native = RESIZERS["torch"].prepare(photo("coffee"))
+    ours = _bicubic(native, size_hw)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    reference = F.interpolate(native, size=size_hw, mode="bicubic", antialias=True, align_corners=False)
+    assert torch.equal(ours, reference)
+
+
+def test_stack_crops_gives_the_same_batch_from_either_layout():
+    config = ZoomConfig(resolution=28)
+    crops = [make_crops(photo(name), config).pixels for name in ("coffee", "rocket")]
+    batch = stack_crops(crops)
+    assert batch.shape == (2, config.n_tiles, 3, 28, 28) and batch.dtype == torch.uint8
+    expected = np.stack([np.ascontiguousarray(c) for c in crops])
+    np.testing.assert_array_equal(batch.numpy(), expected)
+    np.testing.assert_array_equal(stack_crops([torch.from_numpy(c) for c in expected]).numpy(), expected)
