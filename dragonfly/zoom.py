@@ -368,8 +368,10 @@ def _tile(hwc: np.ndarray, grid: Size, R: int, out: np.ndarray) -> None:
     making planar tiles would deinterleave every byte (~3x slower).
     """
     columns, rows = grid
-    # (rows, R, columns, R, 3) -> (rows, columns, R, R, 3)
-    out.reshape(rows, columns, R, R, 3)[...] = hwc.reshape(rows, R, columns, R, 3).transpose(0, 2, 1, 3, 4)
+    # (rows, R, columns, R*3) -> (rows, columns, R, R*3); copyto is ~30% faster than `out[...] =` here.
+    np.copyto(
+        out.reshape(rows, columns, R, R * 3), hwc.reshape(rows, R, columns, R * 3).transpose(0, 2, 1, 3)
+    )
 
 
 def stack_crops(crops: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:

@@ -43,16 +43,19 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from dragonfly.config import ZoomConfig
-from dragonfly.processor import DragonflyProcessor, RecordError, collate
 from dragonfly_platform.manifest import ManifestRecord, read_manifest
 from dragonfly_platform.storage import StorageConfig, join, parent
+
+if TYPE_CHECKING:
+    # Imported where used: the fetch and crop tasks' worker processes never load transformers.
+    from dragonfly.processor import DragonflyProcessor
 
 Split = Literal["train", "val"]
 
@@ -164,6 +167,8 @@ def build_rank_dataset(
     import ray.data
 
     if isinstance(processor, str | os.PathLike):
+        from dragonfly.processor import DragonflyProcessor
+
         processor = DragonflyProcessor.from_pretrained(processor)
     manifest_path = data_cfg.manifest(split)
     records = _cached_manifest(manifest_path, data_cfg.storage)
@@ -206,6 +211,10 @@ def build_rank_dataset(
         num_cpus=data_cfg.fetch_num_cpus,
         **placement,
     )
+    # Blocks of rows_per_block rows into the crop stage: one crop task per block keeps every core
+    # busy and the stream moving (without this, a fetch task's whole bundle, 100+ rows, became one
+    # crop task that held ~1.6 GB of crops).
+    ds = ds.repartition(target_num_rows_per_block=data_cfg.rows_per_block)
     ds = ds.map_batches(
         make_crop_rows,
         fn_kwargs={"zoom": processor.zoom},
@@ -253,6 +262,8 @@ def _processor(ref) -> DragonflyProcessor:
 
 def tokenize_rows(batch: pa.Table, *, processor_ref, image_root: str) -> pa.Table:
     """Validate each conversation and tokenize it; a ``RecordError`` makes the row bad with its reason."""
+    from dragonfly.processor import RecordError
+
     processor = _processor(processor_ref)
     out: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
     for row in batch.to_pylist():
@@ -454,6 +465,8 @@ def iter_train_batches(
     ``local_index`` (B,) int64. ``int(batch["local_index"].max()) + 1`` is the rank's resume ``start``.
     """
     import torch
+
+    from dragonfly.processor import collate
 
     pending: list[dict] = []
 

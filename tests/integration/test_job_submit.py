@@ -1,5 +1,6 @@
-"""End to end on the local stack: `ray job submit` a tiny training run, find its checkpoints on the S3
-server and its run on the MLflow server, stop the stack, and find nothing left running.
+"""End to end on the local stack: bring it up with its CLI, `ray job submit` a tiny training run, find
+its checkpoints on the S3 server and its run on the MLflow server, stop the stack with its CLI, and
+find nothing left running.
 
 Data travels through S3 like on a cluster: `data/` is git-ignored, so `--working-dir .` does not
 upload it; the demo set is written locally and copied to the stack's bucket.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dragonfly_platform.services import processes_mentioning, stack_down, stack_up
+from dragonfly_platform.services import Stack, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_JOB = REPO / "jobs" / "train.py"
@@ -33,17 +34,44 @@ def _job_failure(result: subprocess.CompletedProcess) -> str:
     return "\n".join(errors[:40]) + "\n...\n" + "\n".join(lines[-20:]) + "\n" + result.stderr[-2000:]
 
 
+def _stack_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m dragonfly_platform.services ...`` (what ``make stack-up`` runs), in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "dragonfly_platform.services", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    """The stack brought up and down by its CLI; the services outlive the command that started them."""
     state_dir = tmp_path_factory.mktemp("stack")
     # 4 logical CPUs: 2 train workers at 0.5 CPU, the job driver and Ray Data tasks all fit.
-    stack = stack_up(state_dir, num_cpus=4, bucket="dragonfly")
-    yield stack
-    left = stack_down(state_dir)
-    assert left == [], f"processes left after stack down: {left}"
+    up = _stack_cli("up", "--dir", str(state_dir), "--num-cpus", "4", "--bucket", "dragonfly")
+    assert up.returncode == 0, up.stdout + up.stderr
+    stack = Stack.from_json((state_dir / "stack.json").read_text())
+    try:
+        assert f"export MLFLOW_TRACKING_URI={stack.mlflow.tracking_uri}" in up.stdout
+        assert f"export RAY_ADDRESS={stack.ray.dashboard_url}" in up.stdout
+        # MLflow's artifacts are on the stack's S3 server.
+        assert stack.mlflow.artifacts_destination == "s3://mlflow/artifacts"
+        # Up again is a no-op on a running stack.
+        assert _stack_cli("up", "--dir", str(state_dir)).returncode == 0
+        assert (
+            Stack.from_json((state_dir / "stack.json").read_text()).ray.process.pid == stack.ray.process.pid
+        )
+        assert _stack_cli("status", "--dir", str(state_dir)).returncode == 0
+        yield stack
+    finally:
+        down = _stack_cli("down", "--dir", str(state_dir))
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not (state_dir / "stack.json").exists()
     for service in stack.services():
         assert service.process.leftovers() == []
     assert processes_mentioning(stack.ray.temp_dir) == []
+    assert _stack_cli("status", "--dir", str(state_dir)).returncode == 1
 
 
 def test_submitted_training_job_checkpoints_to_s3_and_logs_to_mlflow(stack, tmp_path):

@@ -1,5 +1,5 @@
-"""Faults: a training worker SIGKILLed mid-run, the whole job killed and rerun, the S3 server dying
-while checkpoints upload. Each run must end where an uninterrupted run ends, with one MLflow run."""
+"""Faults: a training worker SIGKILLed mid-run and then the whole job killed and rerun, the S3 server
+dying while checkpoints upload. Each run must end where an uninterrupted run ends, with one MLflow run."""
 
 from __future__ import annotations
 
@@ -93,73 +93,60 @@ def assert_same_weights(cfg, baseline):
         )
 
 
-def test_sigkilled_worker_restarts_from_checkpoint_and_ends_like_an_uninterrupted_run(
-    baseline, demo, mlflow_server, tmp_path
+def test_killed_worker_then_killed_job_each_resume_and_end_like_an_uninterrupted_run(
+    baseline, demo, mlflow_server, tmp_path, ray_cluster
 ):
-    raw = raw_config(demo, str(tmp_path), "killed-worker", mlflow_server.tracking_uri)
-    raw["run"]["max_failures"] = 2
-    cfg = parse_run_config(raw)
-    run_dir = Path(cfg.run_dir())
-    thread, outcome = in_background(run_training, cfg)
-
-    first = run_dir / "checkpoint_step_0000002"
-    assert wait_until(lambda: first.is_dir() or not thread.is_alive(), timeout=600), "no checkpoint appeared"
-    assert thread.is_alive(), outcome
-    victim = int((run_dir / "workers" / "rank1.pid").read_text())
-    os.kill(victim, signal.SIGKILL)
-    thread.join(timeout=900)
-    assert not thread.is_alive(), "training did not finish after the worker was killed"
-    assert "error" not in outcome, outcome.get("error")
-
-    result = outcome["result"]
-    assert result.metrics["step"] == STEPS
-    assert result.metrics["samples"] == SAMPLES
-    # A new worker group did the rest: rank 1 is another process now.
-    assert int((run_dir / "workers" / "rank1.pid").read_text()) != victim
-    client, runs = mlflow_runs(cfg)
-    assert len(runs) == 1
-    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}
-    assert steps == set(range(1, STEPS + 1))  # the curve continues to the end, no gap
-    assert_same_weights(cfg, baseline)
-
-
-def test_killed_job_resumes_instead_of_restarting(baseline, demo, mlflow_server, tmp_path, ray_cluster):
+    """One job meets both faults: a SIGKILLed training worker (Ray Train restarts the worker group
+    from the last checkpoint, within the run), then the whole job killed (the rerun resumes instead
+    of restarting)."""
     import ray
 
+    raw = raw_config(demo, str(tmp_path / "runs"), "killed", mlflow_server.tracking_uri)
+    raw["run"]["max_failures"] = 2
     config_path = tmp_path / "run.yaml"
-    config_path.write_text(
-        yaml.safe_dump(raw_config(demo, str(tmp_path / "runs"), "killed-job", mlflow_server.tracking_uri))
-    )
-    cfg = parse_run_config(yaml.safe_load(config_path.read_text()))
+    config_path.write_text(yaml.safe_dump(raw))
+    cfg = parse_run_config(raw)
+    run_dir = Path(cfg.run_dir())
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     command = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(config_path)]
+    # Ray's run snapshot names the checkpoints it registered: a checkpoint folder that is still
+    # uploading is rightly not resumed from.
+    snapshot = run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    def registered(step: int) -> bool:
+        return snapshot.is_file() and f"checkpoint_step_{step:07d}" in snapshot.read_text()
 
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Kill once Ray has registered a checkpoint (its run snapshot names one): a checkpoint folder
-    # that is still uploading is rightly not resumed from.
-    snapshot = Path(cfg.run_dir()) / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-
-    def registered() -> bool:
-        return snapshot.is_file() and "checkpoint_step_" in snapshot.read_text()
-
-    assert wait_until(lambda: registered() or first.poll() is not None, timeout=600)
-    assert first.poll() is None, "the first job ended before it could be killed"
-    first.kill()
-    first.wait()
+    try:
+        # Fault 1: a worker dies after the first checkpoint.
+        assert wait_until(lambda: registered(2) or first.poll() is not None, timeout=600)
+        assert first.poll() is None, "the job ended before its worker could be killed"
+        victim = int((run_dir / "workers" / "rank1.pid").read_text())
+        os.kill(victim, signal.SIGKILL)
+        # Fault 2: once the restarted worker group has checkpointed again, the whole job dies.
+        assert wait_until(lambda: registered(4) or first.poll() is not None, timeout=900)
+        assert first.poll() is None, "the job ended before it could be killed"
+        # A new worker group did the work since: rank 1 is another process now.
+        assert int((run_dir / "workers" / "rank1.pid").read_text()) != victim
+    finally:
+        first.kill()
+        first.wait()
     # The job's actors die with their driver; give Ray a moment to release their CPUs.
     time.sleep(5)
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     output = second.stdout + second.stderr
-    run_lines = [line for line in output.splitlines() if "[killed-job]" in line]
+    run_lines = [line for line in output.splitlines() if "[killed]" in line]
     resumed = [line for line in run_lines if "resumed from step" in line]
     assert resumed, "\n".join(run_lines[-40:]) or output[-4000:]
     assert "resumed from step 0" not in resumed[0]
     client, runs = mlflow_runs(cfg)
     assert len(runs) == 1
-    history = client.get_metric_history(runs[0].info.run_id, "samples")
-    assert max(m.value for m in history) == SAMPLES
+    run_id = runs[0].info.run_id
+    assert max(m.value for m in client.get_metric_history(run_id, "samples")) == SAMPLES
+    steps = {m.step for m in client.get_metric_history(run_id, "loss")}
+    assert steps == set(range(1, STEPS + 1))  # the curve continues to the end, no gap
     assert_same_weights(cfg, baseline)
 
 

@@ -8,14 +8,10 @@ import pytest
 
 from dragonfly_platform.services import (
     ServiceError,
-    Stack,
     pid_alive,
     processes_mentioning,
     start_ray_head,
     start_s3,
-)
-from dragonfly_platform.services import (
-    main as services_main,
 )
 
 
@@ -148,31 +144,6 @@ def test_ray_head_runs_a_submitted_job_and_stops_without_leftovers(tmp_path):
         head.stop()
     assert [pid for pid in pids if pid_alive(pid)] == []
     assert processes_mentioning(head.temp_dir) == []
-
-
-def test_stack_cli_up_status_down(tmp_path, capsys):
-    state_dir = tmp_path / "stack"
-    assert services_main(["up", "--dir", str(state_dir), "--num-cpus", "1"]) == 0
-    try:
-        stack = Stack.from_json((state_dir / "stack.json").read_text())
-        out = capsys.readouterr().out
-        assert f"export MLFLOW_TRACKING_URI={stack.mlflow.tracking_uri}" in out
-        assert f"export RAY_ADDRESS={stack.ray.dashboard_url}" in out
-        # Up again is a no-op on a running stack.
-        assert services_main(["up", "--dir", str(state_dir)]) == 0
-        assert (
-            Stack.from_json((state_dir / "stack.json").read_text()).ray.process.pid == stack.ray.process.pid
-        )
-        assert services_main(["status", "--dir", str(state_dir)]) == 0
-        # MLflow's artifacts are on the stack's S3 server.
-        assert stack.mlflow.artifacts_destination == "s3://mlflow/artifacts"
-    finally:
-        down = services_main(["down", "--dir", str(state_dir)])
-    assert down == 0
-    assert not (state_dir / "stack.json").exists()
-    for service in (stack.s3, stack.mlflow, stack.ray):
-        assert service.process.leftovers() == []
-    assert services_main(["status", "--dir", str(state_dir)]) == 1
 
 
 def test_start_s3_rejects_unknown_backend(tmp_path):

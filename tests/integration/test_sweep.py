@@ -1,6 +1,6 @@
 """Ray Tune sweeps end to end on the session's Ray cluster and MLflow server, on the demo data: a tiny
-sweep runs to completion with one MLflow parent and one child per trial; ASHA stops a planted bad
-trial; a sweep whose driver is killed after its first trial continues when rerun."""
+sweep whose driver is killed after its first trial continues when rerun and ends with one MLflow
+parent, one child per trial, the results table and the plot; ASHA stops a planted bad trial."""
 
 from __future__ import annotations
 
@@ -86,31 +86,18 @@ def sweep_runs(client: MlflowClient, experiment: str):
     return parents, children
 
 
-def test_tiny_sweep_logs_parent_children_table_and_plot(ray_cluster, mlflow_server, demo_data, tmp_path):
-    path = write_sweep(
-        tmp_path,
-        demo_data,
-        mlflow_server.tracking_uri,
-        search=[
-            {"model.zoom.levels": {"grid": [["low", "medium"]]}, "model.tokens.tokens.medium": {"grid": [4]}},
-            {"model.zoom.levels": {"grid": [["low", "high"]]}},
-        ],
-        exact_match_samples=4,
-        report_metric=EXACT_MATCH,
-        report_mode="max",
-    )
-    sweep = load_sweep_config(path)
-    rows, paths = run_sweep(sweep)
-
+def assert_sweep_logged(client: MlflowClient, sweep, experiment: str, rows: list[dict], results: Path):
+    """One MLflow parent and one child per trial, each child with its trial's params, image tokens,
+    TFLOPs and metrics; the results table, JSON and plot agree with the trials, locally and on the
+    parent run."""
     assert len(rows) == 2 and all(r["status"] == "complete" for r in rows), rows
     assert all(r["reports"] == 2 for r in rows)  # steps 2 and 4, each with a validation loss
 
-    client = MlflowClient(mlflow_server.tracking_uri)
-    parents, children = sweep_runs(client, f"sweep-{tmp_path.name}")
+    parents, children = sweep_runs(client, experiment)
     assert len(parents) == 1 and len(children) == 2
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags[SWEEP_DIR_TAG] == f"{tmp_path}/runs/sweeps/tiny"
+    assert parent.data.tags[SWEEP_DIR_TAG] == str(results.parent)
     assert parent.data.params["sweep.algorithm"] == "grid"
 
     base = load_base(sweep)
@@ -142,7 +129,7 @@ def test_tiny_sweep_logs_parent_children_table_and_plot(ray_cluster, mlflow_serv
     assert sorted(r[IMAGE_TOKENS] for r in rows) == [32, 52]
 
     # The results table and the plot, locally and on the parent run, agree with the trials.
-    with open(paths["csv"]) as f:
+    with open(results / "results.csv") as f:
         table = {r["mlflow_run_id"]: r for r in csv.DictReader(f)}
     assert set(table) == set(by_run)
     for run_id, row in table.items():
@@ -150,11 +137,13 @@ def test_tiny_sweep_logs_parent_children_table_and_plot(ray_cluster, mlflow_serv
         assert float(row[EXACT_MATCH]) == pytest.approx(by_run[run_id][EXACT_MATCH])
         assert int(row[IMAGE_TOKENS]) == by_run[run_id][IMAGE_TOKENS]
     assert any(r["pareto_tokens"] == "True" for r in table.values())
-    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (results / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
     assert artifacts == {"results/results.csv", "results/results.json", "results/pareto.png"}
     saved = json.loads(
-        Path(client.download_artifacts(parent.info.run_id, "results/results.json", str(tmp_path))).read_text()
+        Path(
+            client.download_artifacts(parent.info.run_id, "results/results.json", str(results.parent))
+        ).read_text()
     )
     assert {t["mlflow_run_id"]: t["val_loss"] for t in saved["trials"]} == {
         k: r["val_loss"] for k, r in by_run.items()
@@ -196,12 +185,20 @@ def _first_trial_terminated(sweep_dir: Path) -> bool:
     return False
 
 
-def test_a_killed_sweep_resumes_instead_of_starting_over(ray_cluster, mlflow_server, demo_data, tmp_path):
+def test_a_killed_sweep_resumes_and_logs_one_parent_children_table_and_plot(
+    ray_cluster, mlflow_server, demo_data, tmp_path
+):
     path = write_sweep(
         tmp_path,
         demo_data,
         mlflow_server.tracking_uri,
-        search={"model.tokens.tokens.medium": {"grid": [4, 1]}},
+        search=[
+            {"model.zoom.levels": {"grid": [["low", "medium"]]}, "model.tokens.tokens.medium": {"grid": [4]}},
+            {"model.zoom.levels": {"grid": [["low", "high"]]}},
+        ],
+        exact_match_samples=4,
+        report_metric=EXACT_MATCH,
+        report_mode="max",
         max_concurrent_trials=1,
     )
     sweep_dir = tmp_path / "runs" / "sweeps" / "tiny"
@@ -239,5 +236,7 @@ def test_a_killed_sweep_resumes_instead_of_starting_over(ray_cluster, mlflow_ser
     # The first trial ran once: its validation history has one entry per report (steps 2 and 4).
     history = client.get_metric_history(finished_first[0], "val_loss")
     assert sorted(m.step for m in history) == [2, 4]
-    results = json.loads((sweep_dir / "results" / "results.json").read_text())["trials"]
-    assert len(results) == 2 and all(t["status"] == "complete" for t in results)
+    rows = json.loads((sweep_dir / "results" / "results.json").read_text())["trials"]
+    assert_sweep_logged(
+        client, load_sweep_config(path), f"sweep-{tmp_path.name}", rows, sweep_dir / "results"
+    )
