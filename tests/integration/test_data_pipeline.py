@@ -67,6 +67,9 @@ def _config(manifest: str, **overrides) -> DataConfig:
         rows_per_block=2,
         read_block_rows=8,
         preprocess_num_cpus=0.5,
+        # Two crop tasks in flight: blocks can finish out of order (what preserve_order is for)
+        # without starting a worker process per logical CPU.
+        preprocess_concurrency=2,
         max_bad_fraction=0.5,
         min_records_for_bad_fraction=5,
     )
