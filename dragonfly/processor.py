@@ -362,10 +362,9 @@ def collate(
     if images:
         shapes = {tuple(img.shape) for img in images}
         dtypes = {str(img.dtype).removeprefix("torch.") for img in images}
-        if len(shapes) != 1 or len(shapes.pop()) != 4 or dtypes != {"uint8"}:
+        if len(shapes) != 1 or len(next(iter(shapes))) != 4 or dtypes != {"uint8"}:
             raise ValueError(
-                f"pixels must be uint8 (n_tiles, 3, R, R) of one shape, got "
-                f"{sorted({tuple(img.shape) for img in images})} / {sorted(dtypes)}"
+                f"pixels must be uint8 (n_tiles, 3, R, R) of one shape, got {sorted(shapes)} / {sorted(dtypes)}"
             )
         out["pixels"] = stack_crops(images)  # (n_images, n_tiles, 3, R, R), channels-last
     return out
