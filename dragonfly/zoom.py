@@ -280,10 +280,7 @@ class TorchResizer:
         self.pillow_vertical_first = int(Image.__version__.split(".")[0]) >= 13
 
     def prepare(self, img: Image.Image) -> torch.Tensor:
-        with warnings.catch_warnings():
-            # Pillow hands out a read-only buffer; the tensor is only ever read.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            hwc = torch.from_numpy(np.asarray(img))  # (H, W, 3)
+        hwc = _read_only_tensor(np.asarray(img))  # (H, W, 3)
         return hwc.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W), channels-last in memory
 
     def resize(self, src: torch.Tensor, size: Size) -> torch.Tensor:
@@ -366,14 +363,22 @@ def _tile_buffer(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
 def _tile(hwc: np.ndarray, grid: Size, R: int, out: np.ndarray) -> None:
     """Cut ``hwc`` (rows*R, columns*R, 3) into ``out`` (columns*rows, R, R, 3), row-major.
 
-    One numpy copy of whole tile rows (R*3 contiguous bytes each), within 2x of a plain memcpy;
-    making planar tiles would deinterleave every byte, ~3x slower.
+    One copy of whole tile rows (R*3 contiguous bytes each); making planar tiles would deinterleave
+    every byte, ~3x slower. torch's strided copy does it ~35% faster than ``np.copyto`` (at 2016x2016
+    on one core: ~1.6 against ~2.5 ms, a plain memcpy ~1.2 ms).
     """
     columns, rows = grid
-    # (rows, R, columns, R*3) -> (rows, columns, R, R*3); copyto is ~30% faster than `out[...] =` here.
-    np.copyto(
-        out.reshape(rows, columns, R, R * 3), hwc.reshape(rows, R, columns, R * 3).transpose(0, 2, 1, 3)
-    )
+    # (rows, R, columns, R*3) -> (rows, columns, R, R*3)
+    tiles = _read_only_tensor(hwc).view(rows, R, columns, R * 3).permute(0, 2, 1, 3)
+    torch.from_numpy(out).view(rows, columns, R, R * 3).copy_(tiles)
+
+
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``array``'s memory, for arrays the caller only reads (Pillow hands out
+    read-only buffers, which torch warns about)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def stack_crops(crops: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
