@@ -157,10 +157,9 @@ class StoreMonitor:
 def pipeline_rate(manifest: Path, processor: DragonflyProcessor, args, out_dir: str) -> dict:
     config = DataConfig(
         train_manifest=str(manifest),
-        # The crop tasks get the cores; tokenizing and fetching are light and overlap with them.
+        # The crop tasks (which fetch too) get the cores; tokenizing is light and overlaps with them.
         preprocess_num_cpus=(args.cpus - 0.2) / args.cpus,
         tokenize_num_cpus=0.1,
-        fetch_num_cpus=0.1,
         rows_per_block=args.rows_per_block,
     )
     ds, n_rows = build_dataset(config, processor, "train")
@@ -214,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=336)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rows-per-block", type=int, default=4)
+    parser.add_argument(
+        "--rows-per-block", type=int, default=DataConfig.model_fields["rows_per_block"].default
+    )
     parser.add_argument("--object-store-gib", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/pipeline.json")
