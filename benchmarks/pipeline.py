@@ -6,7 +6,7 @@
    (text-only records left out, so both sides do the same work per sample).
 2. Crop engine alone: ``--cpus`` processes (one torch thread each) read each file and call
    ``dragonfly.zoom.make_crops``; samples/s over ``--baseline-samples``.
-3. The whole pipeline on a local Ray with ``--cpus`` CPUs: manifest -> tokenize -> fetch -> crops ->
+3. The whole pipeline on a local Ray with ``--cpus`` CPUs: manifest -> tokenize -> fetch + crops (one task) ->
    ``iter_train_batches`` (collate) into a consumer that touches every batch; samples/s, the
    object store's peak use and spilled bytes (polled from the raylet), bytes per sample.
 
