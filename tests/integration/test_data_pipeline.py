@@ -174,6 +174,9 @@ def test_manifest_round_trip(ray_cluster, demo, processor, tmp_path):
     assert {i: e["reason"] for i, e in written.items()} == EXPECTED_BAD
     assert written["bad-missing-file"]["source"] == str(demo / "images/bad/does_not_exist.png")
     assert written["bad-too-long"]["source"] == f"{demo / 'train.jsonl'}:{len(records)}"
+    # Fetch and crop ran as one task (same resources): image bytes never crossed the object store,
+    # and no separate stage held CPU budget in front of the crop stage (docs/benchmarks.md).
+    assert "MapBatches(fetch_images)->MapBatches(make_crop_rows)" in ds.stats()
 
 
 def test_two_ranks_split_uneven_data_exactly_and_resume_mid_epoch(ray_cluster, demo, processor, tmp_path):
