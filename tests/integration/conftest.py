@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dragonfly_platform.services import (
     LOOPBACK_ONLY_ENV,
@@ -24,6 +25,7 @@ from dragonfly_platform.services import (
 os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
 
 TEST_BUCKET = "test-bucket"
+TINY_RECIPE = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "tiny_stage1.yaml"
 RAY_NUM_CPUS = 4  # logical, on 2 cores: Ray Data map tasks and train workers both need a CPU slot
 RAY_OBJECT_STORE_BYTES = 1536 * 1024**2
 RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -126,3 +128,49 @@ def mlflow_server(tmp_path_factory, s3_server):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def train_demo(tmp_path_factory) -> dict:
+    """The demo set the training and fault tests train on: 32 train and 8 validation samples."""
+    from dragonfly_platform.demo_data import write_demo_dataset
+
+    return write_demo_dataset(tmp_path_factory.mktemp("train-demo"), n_train=32, n_val=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_config(train_demo, mlflow_server):
+    """``make(storage_path, name, experiment, **train)``: tiny_stage1.yaml as the training and fault
+    tests run it, a from-scratch full fine-tune (ZeRO-3 needs a trained tower) on ``train_demo``.
+
+    2 workers x micro-batch 2 x accumulation 2 = global batch 8: 16 rows per rank make 4 steps per
+    epoch; 2 epochs = 8 steps, 64 samples. Returns the raw dict (write it to YAML for a job, or
+    ``parse_run_config`` it); ``train`` overrides the train section.
+    """
+
+    def make(storage_path: str, name: str, experiment: str, **train) -> dict:
+        raw = yaml.safe_load(TINY_RECIPE.read_text())
+        raw["run"].update(name=name, storage_path=storage_path, max_failures=0)
+        raw["data"].update(
+            train_manifest=train_demo["train_manifest"], val_manifest=train_demo["val_manifest"]
+        )
+        raw["mlflow"] = {"tracking_uri": mlflow_server.tracking_uri, "experiment": experiment}
+        # One ViT call per micro-batch (2 images x 41 crops), which ZeRO-3 requires.
+        raw["model"]["vision"] = {"chunk_size": 82}
+        defaults = {"freeze": "stage2", "lr": 5e-3, "warmup_ratio": 0.1, "epochs": 2, "checkpoint_every": 4}
+        raw["train"].update({**defaults, "eval_batches": 2, **train})
+        return raw
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def zero2_run(ray_cluster, tiny_run_config, tmp_path_factory):
+    """``(config, result)`` of one uninterrupted ZeRO-2 run on local storage: what the training tests
+    check, and the run every fault case must end like (one run serves both: each costs ~1 min)."""
+    from dragonfly_platform.config import parse_run_config
+    from dragonfly_platform.train import run_training
+
+    storage = str(tmp_path_factory.mktemp("zero2-runs"))
+    cfg = parse_run_config(tiny_run_config(storage, "zero2", "test-train", zero_stage=2))
+    return cfg, run_training(cfg)

@@ -34,6 +34,10 @@ def _job_failure(result: subprocess.CompletedProcess) -> str:
     return "\n".join(errors[:40]) + "\n...\n" + "\n".join(lines[-20:]) + "\n" + result.stderr[-2000:]
 
 
+def _ray_bin() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "ray")
+
+
 def _stack_cli(*args: str) -> subprocess.CompletedProcess:
     """``python -m dragonfly_platform.services ...`` (what ``make stack-up`` runs), in a process of its own."""
     return subprocess.run(
@@ -63,6 +67,16 @@ def stack(tmp_path_factory):
             Stack.from_json((state_dir / "stack.json").read_text()).ray.process.pid == stack.ray.process.pid
         )
         assert _stack_cli("status", "--dir", str(state_dir)).returncode == 0
+        # Token auth is on: a client with another token is turned away.
+        wrong_token = state_dir / "wrong_token"
+        wrong_token.write_text("0" * 64)
+        refused = subprocess.run(
+            [_ray_bin(), "job", "list"],
+            env={**os.environ, **stack.ray.env(), "RAY_AUTH_TOKEN_PATH": str(wrong_token)},
+            capture_output=True,
+            timeout=300,
+        )
+        assert refused.returncode != 0
         yield stack
     finally:
         down = _stack_cli("down", "--dir", str(state_dir))
@@ -95,8 +109,7 @@ def test_submitted_training_job_checkpoints_to_s3_and_logs_to_mlflow(stack, tmp_
         "train.checkpoint_every": "1",
         "train.eval_batches": "1",
     }
-    ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    command = [ray, "job", "submit", "--working-dir", ".", "--", "python", "jobs/train.py"]
+    command = [_ray_bin(), "job", "submit", "--working-dir", ".", "--", "python", "jobs/train.py"]
     command += ["--config", TINY_RECIPE]
     for key, value in overrides.items():
         command += ["--set", f"{key}={value}"]
@@ -108,6 +121,8 @@ def test_submitted_training_job_checkpoints_to_s3_and_logs_to_mlflow(stack, tmp_
     )
     assert result.returncode == 0, _job_failure(result)
     assert "succeeded" in result.stdout
+    # The training workers ran on the head's loopback node.
+    assert re.search(r"\(ip=127\.0\.0\.1, pid=\d+\) world_rank=1", result.stdout), _job_failure(result)
 
     run_dir = f"{stack.bucket}/runs/{RUN_NAME}"
     stored = fs.find(run_dir)

@@ -18,30 +18,13 @@ from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAM
 from safetensors.torch import load_file
 
 from dragonfly_platform.config import parse_run_config
-from dragonfly_platform.demo_data import write_demo_dataset
 from dragonfly_platform.services import wait_until
 from dragonfly_platform.train import run_training
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ROOT / "jobs" / "configs"
-# 2 workers x micro-batch 2 x accumulation 2, 32 rows, 2 epochs: 8 steps, 64 samples.
+# The conftest's tiny run: 2 workers x global batch 8, 2 epochs of 32 rows = 8 steps, 64 samples.
 STEPS, SAMPLES = 8, 64
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return write_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=32, n_val=8, seed=0)
-
-
-def raw_config(demo, storage_path: str, name: str, tracking_uri: str, **train) -> dict:
-    raw = yaml.safe_load((CONFIGS / "tiny_stage1.yaml").read_text())
-    raw["run"].update(name=name, storage_path=storage_path, max_failures=0)
-    raw["data"].update(train_manifest=demo["train_manifest"], val_manifest=demo["val_manifest"])
-    raw["mlflow"] = {"tracking_uri": tracking_uri, "experiment": "test-resume"}
-    raw["train"].update(
-        {"lr": 2e-3, "warmup_ratio": 0.1, "epochs": 2, "checkpoint_every": 2, "eval_batches": 0, **train}
-    )
-    return raw
+EXPERIMENT = "test-resume"
 
 
 def mlflow_runs(cfg):
@@ -74,12 +57,10 @@ def in_background(fn, *args):
 
 
 @pytest.fixture(scope="module")
-def baseline(ray_cluster, demo, mlflow_server, tmp_path_factory):
-    """The uninterrupted run every fault case must match."""
-    cfg = parse_run_config(
-        raw_config(demo, str(tmp_path_factory.mktemp("runs")), "baseline", mlflow_server.tracking_uri)
-    )
-    result = run_training(cfg)
+def baseline(zero2_run):
+    """The uninterrupted run every fault case must match: the conftest's ZeRO-2 run, which differs
+    from the runs here only in checkpoint cadence."""
+    cfg, result = zero2_run
     assert result.metrics["step"] == STEPS and result.metrics["samples"] == SAMPLES
     return cfg, final_weights(cfg)
 
@@ -94,14 +75,14 @@ def assert_same_weights(cfg, baseline):
 
 
 def test_killed_worker_then_killed_job_each_resume_and_end_like_an_uninterrupted_run(
-    baseline, demo, mlflow_server, tmp_path, ray_cluster
+    baseline, tiny_run_config, tmp_path, ray_cluster
 ):
     """One job meets both faults: a SIGKILLed training worker (Ray Train restarts the worker group
     from the last checkpoint, within the run), then the whole job killed (the rerun resumes instead
     of restarting)."""
     import ray
 
-    raw = raw_config(demo, str(tmp_path / "runs"), "killed", mlflow_server.tracking_uri)
+    raw = tiny_run_config(str(tmp_path / "runs"), "killed", EXPERIMENT, checkpoint_every=2)
     raw["run"]["max_failures"] = 2
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(raw))
@@ -151,11 +132,9 @@ def test_killed_worker_then_killed_job_each_resume_and_end_like_an_uninterrupted
 
 
 def test_s3_outage_during_checkpoint_upload_fails_clearly_and_resumes_from_a_whole_checkpoint(
-    baseline, demo, mlflow_server, s3_server, s3_env
+    baseline, tiny_run_config, s3_server, s3_env
 ):
-    raw = raw_config(
-        demo, "s3://test-bucket/resume-runs", "s3-outage", mlflow_server.tracking_uri, checkpoint_every=1
-    )
+    raw = tiny_run_config("s3://test-bucket/resume-runs", "s3-outage", EXPERIMENT, checkpoint_every=1)
     raw["data"]["storage"] = {"retries": 2, "connect_timeout_s": 2.0, "read_timeout_s": 5.0}
     cfg = parse_run_config(raw)
     fs = cfg.data.storage.filesystem(cfg.run_dir())

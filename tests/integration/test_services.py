@@ -1,16 +1,9 @@
 """The local services are real, reachable on loopback, and leave nothing behind when stopped."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from dragonfly_platform.services import (
     ServiceError,
-    pid_alive,
-    processes_mentioning,
-    start_ray_head,
     start_s3,
 )
 
@@ -107,43 +100,6 @@ def test_mlflow_server_logs_a_run_and_reads_it_back(mlflow_server, s3_server):
     stored = fs.find(f"mlflow/artifacts/{experiment_id}/{run.info.run_id}")
     assert [path.rsplit("/", 2)[-2:] for path in stored] == [["notes", "readme.txt"]]
     assert fs.cat(stored[0]) == b"tiny note"
-
-
-def _ray_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    return subprocess.run(
-        [ray, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
-    )
-
-
-def test_ray_head_runs_a_submitted_job_and_stops_without_leftovers(tmp_path):
-    head = start_ray_head(num_cpus=1, object_store_memory=256 * 1024**2, env={"DRAGONFLY_MARK": "from-head"})
-    try:
-        pids = head.process.leftovers()
-        assert head.process.pid in pids and len(pids) > 3  # ray start, gcs, raylet, dashboard, ...
-        result = _ray_cli(
-            "job",
-            "submit",
-            "--",
-            "python",
-            "-c",
-            "import os, ray; ray.init(); "
-            "print('node', ray.util.get_node_ip_address(), 'mark', os.environ['DRAGONFLY_MARK'], "
-            "'cpus', ray.cluster_resources()['CPU'])",
-            env=head.env(),
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        # On loopback, with the head's environment, on the head's resources.
-        assert "node 127.0.0.1 mark from-head cpus 1.0" in result.stdout
-        # Token auth is on: a client with another token is turned away.
-        wrong_token = tmp_path / "wrong_token"
-        wrong_token.write_text("0" * 64)
-        refused = _ray_cli("job", "list", env={**head.env(), "RAY_AUTH_TOKEN_PATH": str(wrong_token)})
-        assert refused.returncode != 0
-    finally:
-        head.stop()
-    assert [pid for pid in pids if pid_alive(pid)] == []
-    assert processes_mentioning(head.temp_dir) == []
 
 
 def test_start_s3_rejects_unknown_backend(tmp_path):

@@ -8,40 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from dragonfly.model import DragonflyModel
 from dragonfly_platform.config import parse_run_config
-from dragonfly_platform.demo_data import write_demo_dataset
 from dragonfly_platform.train import DEEPSPEED_TAG, run_training
 
-CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
-N_TRAIN, N_VAL = 32, 8
-# 2 workers x micro-batch 2 x accumulation 2 = global batch 8: 16 rows per rank make 4 steps per
-# epoch; 2 epochs = 8 steps, 64 samples.
+# The conftest's tiny run: 2 workers x global batch 8, 2 epochs of 32 rows = 8 steps, 64 samples.
 STEPS, SAMPLES = 8, 64
 PLANTED_PASSWORD = "planted-mlflow-password-7f3a9c"
-
-
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    return write_demo_dataset(out, n_train=N_TRAIN, n_val=N_VAL, seed=0)
-
-
-def tiny_config(demo, storage_path: str, name: str, tracking_uri: str, **train):
-    """tiny_stage1.yaml turned into a from-scratch full fine-tune (ZeRO-3 needs a trained tower)."""
-    raw = yaml.safe_load((CONFIGS / "tiny_stage1.yaml").read_text())
-    raw["run"].update(name=name, storage_path=storage_path, max_failures=0)
-    raw["data"].update(train_manifest=demo["train_manifest"], val_manifest=demo["val_manifest"])
-    raw["mlflow"] = {"tracking_uri": tracking_uri, "experiment": "test-train"}
-    # One ViT call per micro-batch (2 images x 41 crops), which ZeRO-3 requires.
-    raw["model"]["vision"] = {"chunk_size": 82}
-    raw["train"].update(
-        freeze="stage2", lr=5e-3, warmup_ratio=0.1, epochs=2, checkpoint_every=4, eval_batches=2, **train
-    )
-    return parse_run_config(raw)
 
 
 def mlflow_run(cfg):
@@ -73,21 +48,18 @@ def export_weights(export_dir: str, storage=None) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def zero_runs(ray_cluster, demo_data, mlflow_server, s3_server, tmp_path_factory):
-    """The same run (seed, data, steps) with ZeRO-0 and ZeRO-2 on local storage and ZeRO-3 on S3 (the
-    S3 credentials and a planted MLflow password travel in the environment only)."""
-    local = tmp_path_factory.mktemp("runs")
+def zero_runs(zero2_run, tiny_run_config, s3_server, tmp_path_factory):
+    """The same run (seed, data, steps) with ZeRO-2 on local storage (the conftest's) and ZeRO-3 on
+    S3 (the S3 credentials and a planted MLflow password travel in the environment only)."""
     secrets = {"MLFLOW_TRACKING_PASSWORD": PLANTED_PASSWORD, "MLFLOW_TRACKING_USERNAME": "u"}
-    results = {}
     with pytest.MonkeyPatch.context() as env:
         for key, value in {**s3_server.env(), **secrets}.items():
             env.setenv(key, value)
-        for stage, storage in ((0, str(local)), (2, str(local)), (3, "s3://test-bucket/train-runs")):
-            cfg = tiny_config(
-                demo_data, storage, f"zero{stage}", mlflow_server.tracking_uri, zero_stage=stage
-            )
-            results[stage] = (cfg, run_training(cfg))
-    return results
+        cfg = parse_run_config(
+            tiny_run_config("s3://test-bucket/train-runs", "zero3", "test-train", zero_stage=3)
+        )
+        zero3 = (cfg, run_training(cfg))
+    return {2: zero2_run, 3: zero3}
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -140,29 +112,30 @@ def test_checkpoint_holds_the_exported_weights(zero_runs):
         )
 
 
-def test_zero3_export_equals_zero0_export(zero_runs, s3_env):
-    cfg0, _ = zero_runs[0]
+def test_zero3_export_equals_zero2_export(zero_runs, s3_env):
+    # ZeRO-2 keeps whole parameters on every rank; ZeRO-3 partitions and gathers them.
+    cfg2, _ = zero_runs[2]
     cfg3, _ = zero_runs[3]
-    dir0, dir3 = local_export(cfg0.export_dir()), local_export(cfg3.export_dir(), cfg3.data.storage)
-    w0, w3 = (load_file(os.path.join(d, "model.safetensors")) for d in (dir0, dir3))
-    assert {k: (v.shape, v.dtype) for k, v in w0.items()} == {k: (v.shape, v.dtype) for k, v in w3.items()}
+    dir2, dir3 = local_export(cfg2.export_dir()), local_export(cfg3.export_dir(), cfg3.data.storage)
+    w2, w3 = (load_file(os.path.join(d, "model.safetensors")) for d in (dir2, dir3))
+    assert {k: (v.shape, v.dtype) for k, v in w2.items()} == {k: (v.shape, v.dtype) for k, v in w3.items()}
     # The stages sum gradients in different orders, and Adam turns last-bit noise in gradients that
     # are zero in exact arithmetic (attention key biases) into steps of up to lr. So: the weights as a
     # whole agree to 1e-4 relative (a mis-gathered or missing shard is off by ~1), and the two
     # models compute the same outputs.
-    diff = sum(float((w3[k] - w0[k]).double().pow(2).sum()) for k in w0) ** 0.5
-    norm = sum(float(w0[k].double().pow(2).sum()) for k in w0) ** 0.5
+    diff = sum(float((w3[k] - w2[k]).double().pow(2).sum()) for k in w2) ** 0.5
+    norm = sum(float(w2[k].double().pow(2).sum()) for k in w2) ** 0.5
     assert diff < 1e-4 * norm, (diff, norm)
 
-    m0, m3 = (DragonflyModel.from_pretrained(d).eval() for d in (dir0, dir3))
-    r, image_id = m0.config.zoom.resolution, m0.config.image_token_id
+    m2, m3 = (DragonflyModel.from_pretrained(d).eval() for d in (dir2, dir3))
+    r, image_id = m2.config.zoom.resolution, m2.config.image_token_id
     text = [t for t in range(1, 9) if t != image_id]
-    input_ids = torch.tensor([text[:3] + [image_id] * m0.layout.positions + text[3:6]])
-    pixels = torch.randint(0, 256, (1, m0.layout.n_crops, 3, r, r), dtype=torch.uint8)
+    input_ids = torch.tensor([text[:3] + [image_id] * m2.layout.positions + text[3:6]])
+    pixels = torch.randint(0, 256, (1, m2.layout.n_crops, 3, r, r), dtype=torch.uint8)
     with torch.no_grad():
-        logits0 = m0(input_ids=input_ids, pixels=pixels).logits
+        logits2 = m2(input_ids=input_ids, pixels=pixels).logits
         logits3 = m3(input_ids=input_ids, pixels=pixels).logits
-    torch.testing.assert_close(logits3, logits0, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(logits3, logits2, rtol=1e-3, atol=1e-4)
 
 
 def test_zero3_checkpoints_live_on_s3_with_every_rank_shard(zero_runs, s3_env):
