@@ -127,6 +127,17 @@ def high_grid_of(medium_grid: Size, config: ZoomConfig) -> Size:
     return (medium_grid[0] * config.high_scale, medium_grid[1] * config.high_scale)
 
 
+def zoom_grids(native_size: Size, config: ZoomConfig) -> tuple[Size, Size, float]:
+    """``(medium grid, high grid, zoom ratio)`` for an image of ``native_size`` = (width, height).
+
+    The zoom ratio is the high-resolution image's longest side over the native image's (the paper's
+    Figure 4): above 1 the high level zooms in past the native resolution.
+    """
+    medium_grid = choose_grid(native_size, config)
+    high_grid = high_grid_of(medium_grid, config)
+    return medium_grid, high_grid, max(high_grid) * config.resolution / max(native_size)
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoding
 
@@ -325,8 +336,7 @@ def make_crops(
     """
     img = open_image(image, config, source=source)
     native_size = img.size
-    medium_grid = choose_grid(native_size, config)
-    high_grid = high_grid_of(medium_grid, config)
+    medium_grid, high_grid, zoom_ratio = zoom_grids(native_size, config)
     R = config.resolution
     grids = {"low": (1, 1), "medium": medium_grid, "high": high_grid}
 
@@ -347,7 +357,6 @@ def make_crops(
         start += columns * rows
     assert start == config.n_tiles
 
-    zoom_ratio = max(high_grid[0] * R, high_grid[1] * R) / max(native_size)
     pixels = tiles.transpose(0, 3, 1, 2)  # (n_tiles, 3, R, R), channels-last in memory
     return Crops(pixels, medium_grid, high_grid, native_size, zoom_ratio)
 
@@ -405,4 +414,5 @@ __all__ = [
     "open_image",
     "select_best_resolution",
     "stack_crops",
+    "zoom_grids",
 ]

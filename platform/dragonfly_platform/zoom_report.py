@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from dragonfly.config import ZoomConfig
-from dragonfly.zoom import choose_grid, high_grid_of
+from dragonfly.zoom import zoom_grids
 from dragonfly_platform.manifest import read_manifest
 from dragonfly_platform.storage import StorageConfig, join, parent
 
@@ -40,12 +40,6 @@ def header_size(url: str, storage: StorageConfig) -> tuple[int, int]:
     return width, height
 
 
-def zoom_ratio(native_size: tuple[int, int], zoom: ZoomConfig) -> tuple[tuple[int, int], float]:
-    """(high grid, zoom ratio) for an image of ``native_size`` = (width, height)."""
-    high = high_grid_of(choose_grid(native_size, zoom), zoom)
-    return high, max(high) * zoom.resolution / max(native_size)
-
-
 def read_sizes(
     batch: pd.DataFrame, *, storage: StorageConfig, zoom: ZoomConfig, threads: int
 ) -> pd.DataFrame:
@@ -62,7 +56,7 @@ def read_sizes(
         if min(size) <= 0:
             results[i] = {"error": f"zero-size image {size}"}
             return
-        high, ratio = zoom_ratio(size, zoom)
+        _, high, ratio = zoom_grids(size, zoom)
         results[i] = {
             "width": size[0],
             "height": size[1],
@@ -160,4 +154,4 @@ def plot_cdf(ratios: np.ndarray, path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-__all__ = ["header_size", "zoom_ratio", "run_zoom_report", "summarize", "plot_cdf"]
+__all__ = ["header_size", "run_zoom_report", "summarize", "plot_cdf"]

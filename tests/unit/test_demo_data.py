@@ -13,11 +13,11 @@ from PIL import Image
 from dragonfly.config import TokenConfig, ZoomConfig
 from dragonfly.processor import DragonflyProcessor, RecordError
 from dragonfly.tiny import build_tiny_tokenizer
-from dragonfly.zoom import make_crops
+from dragonfly.zoom import make_crops, zoom_grids
 from dragonfly_platform.demo_data import PLANTED_BAD_REASONS, write_demo_dataset
 from dragonfly_platform.manifest import read_manifest
 from dragonfly_platform.storage import StorageConfig
-from dragonfly_platform.zoom_report import EXIF_ORIENTATION, header_size, plot_cdf, summarize, zoom_ratio
+from dragonfly_platform.zoom_report import EXIF_ORIENTATION, header_size, plot_cdf, summarize
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -114,7 +114,7 @@ def test_zoom_report_reads_headers_and_matches_the_crop_engine(demo, tmp_path):
         crops = make_crops(path.read_bytes(), zoom, source=str(path))
         size = header_size(str(path), StorageConfig())
         assert size == crops.native_size
-        assert zoom_ratio(size, zoom) == (crops.high_grid, crops.zoom_ratio)
+        assert zoom_grids(size, zoom) == (crops.medium_grid, crops.high_grid, crops.zoom_ratio)
     assert header_size(str(sideways), StorageConfig()) == (100, 300)
 
     summary = summarize(np.array([1.0, 2.0, 3.0, 4.0, 8.0]), unreadable=1, zoom=zoom)
