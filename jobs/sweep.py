@@ -15,7 +15,7 @@ import sys
 
 from dragonfly_platform.cli import add_overrides_argument, connect_ray
 from dragonfly_platform.config import ConfigError
-from dragonfly_platform.tune import load_base, load_sweep_config, validate_sweep
+from dragonfly_platform.sweep_config import load_base, load_sweep_config, validate_sweep
 
 
 def main(argv: list[str] | None = None) -> int:

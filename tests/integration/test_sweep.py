@@ -19,17 +19,14 @@ from mlflow.tracking import MlflowClient
 
 from dragonfly.budget import config_report
 from dragonfly_platform.demo_data import write_demo_dataset
-from dragonfly_platform.tune import (
-    EXACT_MATCH,
+from dragonfly_platform.sweep_config import (
     IMAGE_TOKENS,
-    ROLE_TAG,
-    SWEEP_DIR_TAG,
     TFLOPS,
     load_base,
     load_sweep_config,
     resolve_trial_config,
-    run_sweep,
 )
+from dragonfly_platform.tune import EXACT_MATCH, ROLE_TAG, SWEEP_DIR_TAG, run_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_BASE = str(REPO / "jobs" / "configs" / "tiny_stage1.yaml")

@@ -1,5 +1,5 @@
 """Sweep configs, search spaces, upfront validation, resources, Pareto front and the results files:
-everything in dragonfly_platform.tune that needs no Ray cluster."""
+everything of a sweep that needs no Ray cluster (sweep_config, sweep_results)."""
 
 import csv
 import json
@@ -12,7 +12,7 @@ from PIL import Image
 
 from dragonfly.budget import config_report
 from dragonfly.config import ConfigError, TokenConfig, ZoomConfig
-from dragonfly_platform.tune import (
+from dragonfly_platform.sweep_config import (
     GRID_KEY,
     IMAGE_TOKENS,
     TFLOPS,
@@ -23,14 +23,12 @@ from dragonfly_platform.tune import (
     image_budget,
     load_base,
     load_sweep_config,
-    pareto_front,
     resolve_trial_config,
-    trial_label,
     trial_overrides,
     validate_sweep,
     validation_points,
-    write_results,
 )
+from dragonfly_platform.sweep_results import pareto_front, trial_label, write_results
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 TINY_BASE = str(CONFIGS / "tiny_stage1.yaml")
