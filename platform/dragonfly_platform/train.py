@@ -28,6 +28,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -328,7 +330,8 @@ class Worker:
             )
         )
 
-    def setup(self) -> None:
+    def setup(self, stack: contextlib.ExitStack) -> None:
+        """Everything before the first step; ``stack`` holds a resumed checkpoint's local folder."""
         import deepspeed
         import ray.train
 
@@ -348,6 +351,12 @@ class Worker:
             if self.cfg.run.on_s3
             else f"{self.cfg.run_dir()}/bad_records"
         )
+        checkpoint = ray.train.get_checkpoint()
+        folder = stack.enter_context(checkpoint.as_directory()) if checkpoint is not None else None
+        self.state = self._resume_position(folder) if folder else TrainState(world_size=self.world_size)
+        # The data position is known: the first epoch's pipeline warms up (tasks scheduled, workers
+        # started, first blocks cropped) while the model and the engine are built.
+        self._next_batches = _started(self._epoch_batches())
         model = self._build_model()
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         optimizer = build_optimizer(param_groups(model, self.cfg.train.weight_decay), self.cfg)
@@ -379,25 +388,23 @@ class Worker:
             config=build_deepspeed_config(self.cfg, self.world_size),
             dist_init_required=False,
         )
-        self.state = TrainState(world_size=self.world_size)
         self.tracker = RankZeroTracker(self.cfg, self.run_id, self.rank)
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as folder:
-                self._restore(folder)
+        if folder:
+            self.engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
+            self._log(
+                f"resumed from step {self.state.step} (epoch {self.state.epoch}, position {self.state.consumed})"
+            )
         self.tracker.log_params(self.cfg.flatten())
         self.tracker.set_tags({"trainable_params": self.trainable, "world_size": self.world_size})
 
-    def _restore(self, folder: str) -> None:
+    def _resume_position(self, folder: str) -> TrainState:
         state = TrainState.load(folder, self.rank)
         if state.world_size != self.world_size:
             raise ValueError(
                 f"the checkpoint in {folder} was written by {state.world_size} workers, this run has "
                 f"{self.world_size}: data positions are per-rank partitions, so resume with the same count"
             )
-        self.engine.load_checkpoint(folder, tag=DEEPSPEED_TAG)
-        self.state = state
-        self._log(f"resumed from step {state.step} (epoch {state.epoch}, position {state.consumed})")
+        return state
 
     # -- collectives ---------------------------------------------------------------------------
 
@@ -412,7 +419,8 @@ class Worker:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.setup()
+        with contextlib.ExitStack() as stack:
+            self.setup(stack)
         self._log(
             f"{self.total_steps} steps ({self.steps_per_epoch}/epoch), {self.world_size} workers x "
             f"micro-batch {self.cfg.train.micro_batch_size} x {self.accumulation} accumulation, "
@@ -438,10 +446,14 @@ class Worker:
             taken.append(batch)
         return taken, time.perf_counter() - started
 
+    def _epoch_batches(self):
+        """Training batches from the current data position (``state.epoch``, ``state.consumed``)."""
+        dataset, _ = self._rows_per_rank("train", self.state.epoch, self.state.consumed)
+        return self._batches(dataset, "train")
+
     def _train_epoch(self) -> bool:
         """Train until ``total_steps`` or the end of the epoch's data; True when the data ran out."""
-        dataset, _ = self._rows_per_rank("train", self.state.epoch, self.state.consumed)
-        batches = self._batches(dataset, "train")
+        batches, self._next_batches = self._next_batches or self._epoch_batches(), None
         self.engine.train()
         while self.state.step < self.total_steps:
             step_started = time.perf_counter()
@@ -596,6 +608,22 @@ class Worker:
     def _log(self, message: str) -> None:
         if self.rank == 0:
             print(f"[{self.cfg.run.name}] {message}", flush=True)
+
+
+def _started(batches: Iterator[dict]) -> Iterator[dict]:
+    """``batches`` with its first item already being fetched on a background thread, so a Ray Data
+    pipeline starts running now rather than at the first ``next()``. Errors surface at that ``next()``."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="first-batch")
+    first = pool.submit(next, batches, None)
+    pool.shutdown(wait=False)
+
+    def chained() -> Iterator[dict]:
+        item = first.result()
+        if item is not None:
+            yield item
+            yield from batches
+
+    return chained()
 
 
 @contextlib.contextmanager
