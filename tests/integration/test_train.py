@@ -48,7 +48,7 @@ def export_weights(export_dir: str, storage=None) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def zero_runs(zero2_run, tiny_run_config, s3_server, tmp_path_factory):
+def zero_runs(zero2_run, tiny_run_config, s3_server):
     """The same run (seed, data, steps) with ZeRO-2 on local storage (the conftest's) and ZeRO-3 on
     S3 (the S3 credentials and a planted MLflow password travel in the environment only)."""
     secrets = {"MLFLOW_TRACKING_PASSWORD": PLANTED_PASSWORD, "MLFLOW_TRACKING_USERNAME": "u"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 
 import pytest
 import torch
@@ -350,12 +351,45 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, tie):
     assert original.keys() == restored.keys()
     for name, value in original.items():
         assert value.dtype == restored[name].dtype and torch.equal(value, restored[name]), name
+    # Buffers that are not saved (rotary frequencies) are rebuilt by the modules themselves.
+    original_buffers, restored_buffers = dict(model.named_buffers()), dict(loaded.named_buffers())
+    assert original_buffers.keys() == restored_buffers.keys()
+    for name, value in original_buffers.items():
+        assert torch.equal(value, restored_buffers[name]), name
     assert loaded.llm.get_output_embeddings().weight is loaded.llm.get_input_embeddings().weight or not tie
     batch = make_batch([([1, 2], True, [3])], config.layout.positions)
     with torch.no_grad():
         assert torch.equal(
             model(**batch, pixels=random_pixels(1)).logits, loaded(**batch, pixels=random_pixels(1)).logits
         )
+
+
+def test_from_pretrained_skips_random_init_and_its_warning(tmp_path, monkeypatch, caplog):
+    """Loading overwrites every weight, so nothing is initialised first (minutes for an 8B model),
+    and open_clip's "initialized randomly" warning, false there, is not shown."""
+    seeded_tiny_model(tie_word_embeddings=True).save_pretrained(tmp_path)
+    config = DragonflyConfig.from_json((tmp_path / "config.json").read_text())
+    calls = []
+
+    def counting(name):
+        original = getattr(torch.nn.init, name)
+        return lambda *args, **kwargs: calls.append(name) or original(*args, **kwargs)
+
+    for name in ("normal_", "kaiming_uniform_", "trunc_normal_"):
+        monkeypatch.setattr(torch.nn.init, name, counting(name))
+
+    def build(make) -> str:
+        calls.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            make()
+        return caplog.text
+
+    # A random build, before and after a load: the probes see it, and the warning is shown.
+    assert "initialized randomly" in build(lambda: DragonflyModel(config, load_weights=False)) and calls
+    assert "initialized randomly" not in build(lambda: DragonflyModel.from_pretrained(tmp_path))
+    assert calls == []
+    assert "initialized randomly" in build(lambda: DragonflyModel(config, load_weights=False)) and calls
 
 
 @pytest.mark.parametrize("tie", [False, True])
