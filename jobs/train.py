@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_run_config(args.config, args.overrides)
+        cfg.tracking_uri()  # an S3 run needs an MLflow server: say so before Ray starts
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -60,7 +60,9 @@ class TrainConfig(_Section):
     # Training stops after `epochs` passes or `max_steps` optimizer steps, whichever comes first.
     epochs: Annotated[int, Field(gt=0)] = 1
     max_steps: Annotated[int, Field(gt=0)] | None = None
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = (
+        0  # initial weights (alike on every rank); data order: data.shuffle_seed
+    )
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -95,6 +97,13 @@ class RunSection(_Section):
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
     # Worker failures survived by restarting from the latest checkpoint (-1: forever).
     max_failures: Annotated[int, Field(ge=-1)] = 0
+
+    @field_validator("storage_path")
+    @classmethod
+    def _local_or_s3(cls, value):
+        if "://" in value and not value.startswith("s3://"):
+            raise ValueError(f"must be a local folder or s3://bucket/prefix, got {value!r}")
+        return value
 
     @property
     def on_s3(self) -> bool:

@@ -44,7 +44,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -97,23 +97,25 @@ class DataConfig(BaseModel):
     # every preprocessing stage. Unset (local runs): anywhere.
     preprocess_resources: dict[str, float] = Field(default_factory=dict)
     preprocess_label_selector: dict[str, str] | None = None
-    preprocess_num_cpus: float = 1.0  # per crop task
-    preprocess_concurrency: int | None = None  # max concurrent crop tasks; None: as many as fit
-    tokenize_concurrency: int | None = 1  # tokenizing is ~1 ms/sample: one task feeds many crop tasks
-    tokenize_num_cpus: float = 0.25
-    fetch_threads: int = 16  # concurrent reads per block, inside the crop task
+    preprocess_num_cpus: Annotated[float, Field(gt=0)] = 1.0  # per crop task
+    # Max concurrent crop tasks; None: as many as fit.
+    preprocess_concurrency: Annotated[int, Field(gt=0)] | None = None
+    # Tokenizing is ~1 ms/sample: one task feeds many crop tasks.
+    tokenize_concurrency: Annotated[int, Field(gt=0)] | None = 1
+    tokenize_num_cpus: Annotated[float, Field(gt=0)] = 0.25
+    fetch_threads: Annotated[int, Field(gt=0)] = 16  # concurrent reads per block, inside the crop task
 
     # Rows per fetch + crop task, i.e. per output block: 8 rows of 13.9 MB (111 MB) stay under Ray
     # Data's 128 MiB block target, so the object store holds a few blocks, not whole shards. Fewer,
     # larger tasks cost less per sample (2 cores: 4 rows 42%, 8 rows 52% of the crop engine's rate).
-    rows_per_block: int = 8
-    read_block_rows: int = 64  # rows per input (metadata) block
-    prefetch_batches: int = 2
+    rows_per_block: Annotated[int, Field(gt=0)] = 8
+    read_block_rows: Annotated[int, Field(gt=0)] = 64  # rows per input (metadata) block
+    prefetch_batches: Annotated[int, Field(ge=0)] = 2
 
-    max_bad_fraction: float = 0.05
+    max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05
     # The fraction is only judged after this many records (or at the end of the stream).
-    min_records_for_bad_fraction: int = 100
-    shuffle_seed: int = 0
+    min_records_for_bad_fraction: Annotated[int, Field(ge=0)] = 100
+    shuffle_seed: Annotated[int, Field(ge=0)] = 0
 
     def manifest(self, split: Split) -> str:
         path = self.train_manifest if split == "train" else self.val_manifest
@@ -362,10 +364,14 @@ class BadRecordLog:
 
     @classmethod
     def for_rank(
-        cls, data_cfg: DataConfig, out_dir: str, split: Split, rank: int, epoch: int = 0
+        cls, data_cfg: DataConfig, out_dir: str, split: Split, rank: int, epoch: int = 0, fresh: bool = False
     ) -> BadRecordLog:
-        """The log of ``rank`` at ``out_dir/bad_records-<split>-rank<r>.jsonl`` (next to the run's outputs)."""
+        """The log of ``rank`` at ``out_dir/bad_records-<split>-rank<r>.jsonl`` (next to the run's
+        outputs). ``fresh`` empties the file first: a pass that reads the same records again (each
+        validation) lists them once, not once per pass."""
         path = os.path.join(out_dir, f"bad_records-{split}-rank{rank}.jsonl")
+        if fresh and os.path.exists(path):
+            os.remove(path)
         return cls(path, data_cfg.max_bad_fraction, data_cfg.min_records_for_bad_fraction, epoch)
 
     @property

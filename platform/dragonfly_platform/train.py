@@ -66,24 +66,29 @@ def publish_dir(local_dir: str, url: str, storage: StorageConfig) -> None:
         shutil.copytree(local_dir, url, dirs_exist_ok=True)
 
 
-def fetch_dir(url: str, storage: StorageConfig, tracking_uri: str | None = None) -> str:
-    """A local folder holding ``url``: itself when local, else a fresh download of an s3:// prefix or
-    an MLflow URI (``models:/name@alias``, ``runs:/<id>/model``, ``mlflow-artifacts:/...``)."""
-    if url.startswith(("models:/", "runs:/", "mlflow-artifacts:")):
-        import mlflow.artifacts
+@contextlib.contextmanager
+def fetched_dir(url: str, storage: StorageConfig, tracking_uri: str | None = None) -> Iterator[str]:
+    """A local folder holding ``url`` for the duration: itself when local, else a download of an
+    s3:// prefix or an MLflow URI (``models:/name@alias``, ``runs:/<id>/model``,
+    ``mlflow-artifacts:/...``) into a temporary folder that is removed afterwards (an 8B export is
+    16 GB, fetched by every worker of every attempt)."""
+    if not (is_s3(url) or url.startswith(("models:/", "runs:/", "mlflow-artifacts:"))):
+        if not os.path.isdir(url):
+            raise FileNotFoundError(f"{url}: no such folder (expected a model export or processor folder)")
+        yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="dragonfly-fetch-") as local:
+        if is_s3(url):
+            import pyarrow.fs
 
-        return mlflow.artifacts.download_artifacts(
-            artifact_uri=url, dst_path=tempfile.mkdtemp(prefix="dragonfly-init-"), tracking_uri=tracking_uri
-        )
-    if is_s3(url):
-        import pyarrow.fs
+            pyarrow.fs.copy_files(strip_scheme(url), local, source_filesystem=storage.pyarrow_filesystem(url))
+            yield local
+        else:
+            import mlflow.artifacts
 
-        local = tempfile.mkdtemp(prefix="dragonfly-fetch-")
-        pyarrow.fs.copy_files(strip_scheme(url), local, source_filesystem=storage.pyarrow_filesystem(url))
-        return local
-    if not os.path.isdir(url):
-        raise FileNotFoundError(f"{url}: no such folder (expected a model export or processor folder)")
-    return url
+            yield mlflow.artifacts.download_artifacts(
+                artifact_uri=url, dst_path=local, tracking_uri=tracking_uri
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,9 +97,10 @@ def fetch_dir(url: str, storage: StorageConfig, tracking_uri: str | None = None)
 
 @dataclass
 class PreparedRun:
-    """What the driver hands to every worker (plain data: it crosses process boundaries)."""
+    """What the driver hands to every worker (pickled by Ray, never logged). The config travels as
+    the validated object: a JSON dump would turn its ``SecretStr`` credentials into ``**********``."""
 
-    run_config: dict[str, Any]
+    run_config: RunConfig
     mlflow_run_id: str
     processor_dir: str
 
@@ -143,15 +149,18 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     from dragonfly_platform.tracking import resolve_mlflow_run
 
     cfg = cfg.with_absolute_paths()
+    tracking_uri = cfg.tracking_uri()  # an S3 run without an MLflow server fails here, before any work
     storage = run_storage(cfg)
-    init_dir = fetch_dir(cfg.train.init_from, storage, cfg.tracking_uri()) if cfg.train.init_from else None
-    processor = build_processor(cfg, init_dir)
+    init_from = cfg.train.init_from
+    init = fetched_dir(init_from, storage, tracking_uri) if init_from else contextlib.nullcontext()
+    with init as init_dir:
+        processor = build_processor(cfg, init_dir)
     processor_url = f"{cfg.run_dir()}/processor"
     with tempfile.TemporaryDirectory(prefix="dragonfly-processor-") as tmp:
         processor.save_pretrained(tmp)
         publish_dir(tmp, processor_url, storage)
     run_id = resolve_mlflow_run(cfg)
-    return PreparedRun(cfg.model_dump(mode="json"), run_id, processor_url)
+    return PreparedRun(cfg, run_id, processor_url)
 
 
 def worker_runtime_env(cfg: RunConfig) -> dict[str, Any]:
@@ -253,7 +262,7 @@ class Worker:
         import ray.train
         import torch
 
-        self.cfg = RunConfig.model_validate(prepared["run_config"])
+        self.cfg: RunConfig = prepared["run_config"]
         self.run_id = prepared["mlflow_run_id"]
         self.processor_url = prepared["processor_dir"]
         context = ray.train.get_context()
@@ -277,8 +286,8 @@ class Worker:
         from dragonfly.model import DragonflyModel, apply_freeze_plan
 
         if self.cfg.train.init_from:
-            init_dir = fetch_dir(self.cfg.train.init_from, self.storage, self.cfg.tracking_uri())
-            model = DragonflyModel.from_pretrained(init_dir)
+            with fetched_dir(self.cfg.train.init_from, self.storage, self.cfg.tracking_uri()) as init_dir:
+                model = DragonflyModel.from_pretrained(init_dir)
         else:
             model = DragonflyModel(self.cfg.dragonfly_config(self.processor))
         apply_freeze_plan(model, self.cfg.train.freeze)
@@ -309,7 +318,6 @@ class Worker:
             rank=self.rank,
             world_size=self.world_size,
             epoch=epoch,
-            seed=self.cfg.train.seed,
             start=start,
         )
 
@@ -317,7 +325,7 @@ class Worker:
         from dragonfly_platform.data import BadRecordLog, iter_train_batches
 
         bad_log = BadRecordLog.for_rank(
-            self.cfg.data, self.bad_records_dir, split, self.rank, self.state.epoch
+            self.cfg.data, self.bad_records_dir, split, self.rank, self.state.epoch, fresh=split == "val"
         )
         return iter(
             iter_train_batches(
@@ -344,7 +352,8 @@ class Worker:
         )
         from dragonfly_platform.tracking import RankZeroTracker
 
-        self.processor = DragonflyProcessor.from_pretrained(fetch_dir(self.processor_url, self.storage))
+        with fetched_dir(self.processor_url, self.storage) as processor_dir:
+            self.processor = DragonflyProcessor.from_pretrained(processor_dir)
         # Bad-records files are appended locally (the run folder itself when it is local).
         self.bad_records_dir = (
             os.path.join(tempfile.gettempdir(), "dragonfly-bad-records", self.cfg.run.name)
@@ -354,9 +363,15 @@ class Worker:
         checkpoint = ray.train.get_checkpoint()
         folder = stack.enter_context(checkpoint.as_directory()) if checkpoint is not None else None
         self.state = self._resume_position(folder) if folder else TrainState(world_size=self.world_size)
+        # The step the newest checkpoint holds: a run resumed at its last step must not write
+        # checkpoint_step_N again (Ray deletes old checkpoints by folder, and would delete both).
+        self.checkpointed_step = self.state.step if folder else None
         # The data position is known: the first epoch's pipeline warms up (tasks scheduled, workers
-        # started, first blocks cropped) while the model and the engine are built.
-        self._next_batches = _started(self._epoch_batches())
+        # started, first blocks cropped) while the model and the engine are built. A finished run
+        # resumed at its end has nothing to train: no pipeline.
+        max_steps = self.cfg.train.max_steps
+        finished = self.state.epoch >= self.cfg.train.epochs or (max_steps and self.state.step >= max_steps)
+        self._next_batches = None if finished else _started(self._epoch_batches())
         model = self._build_model()
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         optimizer = build_optimizer(param_groups(model, self.cfg.train.weight_decay), self.cfg)
@@ -431,7 +446,7 @@ class Worker:
             if epoch_done:
                 self.state.epoch += 1
                 self.state.consumed = 0
-        if self.state.step % self.cfg.train.checkpoint_every:  # the final step gets a checkpoint too
+        if self.state.step != self.checkpointed_step:  # the final step gets a checkpoint too
             self._checkpoint(self._validate())
         self._export()
         self.tracker.finish()
@@ -577,6 +592,7 @@ class Worker:
             checkpoint_upload_mode=mode,
             delete_local_checkpoint_after_upload=True,
         )
+        self.checkpointed_step = self.state.step
         uri = f"{self.cfg.run_dir()}/{name}"
         self.tracker.set_tags({"checkpoint.latest": uri, f"checkpoint.{name}": uri})
         self._log(f"checkpoint {uri}")
@@ -656,5 +672,5 @@ __all__ = [
     "PreparedRun",
     "TrainState",
     "publish_dir",
-    "fetch_dir",
+    "fetched_dir",
 ]

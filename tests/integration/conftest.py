@@ -167,10 +167,11 @@ def tiny_run_config(train_demo, mlflow_server):
 @pytest.fixture(scope="session")
 def zero2_run(ray_cluster, tiny_run_config, tmp_path_factory):
     """``(config, result)`` of one uninterrupted ZeRO-2 run on local storage: what the training tests
-    check, and the run every fault case must end like (one run serves both: each costs ~1 min)."""
+    check, and the run every fault case must end like (one run serves both: each costs ~1 min).
+    Checkpoints every 3 steps: 3, 6 and the last step, 8, off that grid."""
     from dragonfly_platform.config import parse_run_config
     from dragonfly_platform.train import run_training
 
     storage = str(tmp_path_factory.mktemp("zero2-runs"))
-    cfg = parse_run_config(tiny_run_config(storage, "zero2", "test-train", zero_stage=2))
+    cfg = parse_run_config(tiny_run_config(storage, "zero2", "test-train", zero_stage=2, checkpoint_every=3))
     return cfg, run_training(cfg)

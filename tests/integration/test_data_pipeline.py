@@ -150,6 +150,20 @@ def test_bad_fraction_is_judged_after_the_minimum_then_on_every_bad_record(tmp_p
         short.check(final=True)  # the end of the stream judges whatever was seen
 
 
+def test_a_fresh_rank_log_lists_a_reread_split_once(tmp_path):
+    """Training appends across epochs and resumes; each validation rereads the same records, so its
+    log starts the file afresh."""
+    config = DataConfig(train_manifest="unused.jsonl")
+
+    def pass_over_one_bad_record(fresh: bool) -> int:
+        log = BadRecordLog.for_rank(config, str(tmp_path), "val", rank=1, fresh=fresh)
+        log.add_bad("v1", "v1.png", "missing_file", "gone")
+        return len((tmp_path / "bad_records-val-rank1.jsonl").read_text().splitlines())
+
+    assert [pass_over_one_bad_record(fresh=False) for _ in range(2)] == [1, 2]
+    assert [pass_over_one_bad_record(fresh=True) for _ in range(2)] == [1, 1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Real Ray
 

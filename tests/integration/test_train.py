@@ -50,14 +50,15 @@ def export_weights(export_dir: str, storage=None) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def zero_runs(zero2_run, tiny_run_config, s3_server):
     """The same run (seed, data, steps) with ZeRO-2 on local storage (the conftest's) and ZeRO-3 on
-    S3 (the S3 credentials and a planted MLflow password travel in the environment only)."""
+    S3. A planted MLflow password travels in the environment only; the S3 keys are in the run config
+    as well as the environment (the config's win, so they must reach the workers intact)."""
     secrets = {"MLFLOW_TRACKING_PASSWORD": PLANTED_PASSWORD, "MLFLOW_TRACKING_USERNAME": "u"}
     with pytest.MonkeyPatch.context() as env:
         for key, value in {**s3_server.env(), **secrets}.items():
             env.setenv(key, value)
-        cfg = parse_run_config(
-            tiny_run_config("s3://test-bucket/train-runs", "zero3", "test-train", zero_stage=3)
-        )
+        raw = tiny_run_config("s3://test-bucket/train-runs", "zero3", "test-train", zero_stage=3)
+        raw["data"]["storage"] = {"access_key": s3_server.access_key, "secret_key": s3_server.secret_key}
+        cfg = parse_run_config(raw)
         zero3 = (cfg, run_training(cfg))
     return {2: zero2_run, 3: zero3}
 
@@ -149,6 +150,28 @@ def test_zero3_checkpoints_live_on_s3_with_every_rank_shard(zero_runs, s3_env):
         p.rsplit("/", 1)[-1] for p in fs.ls(cfg.run_dir().removeprefix("s3://")) if "checkpoint_step" in p
     )
     assert checkpoints == ["checkpoint_step_0000004", "checkpoint_step_0000008"]
+
+
+def test_rerun_of_a_finished_run_keeps_its_checkpoints(zero_runs):
+    """The ZeRO-2 run checkpointed at steps 3 and 6 and, off that grid, at its last step 8. Running
+    it again resumes at step 8 with nothing left to do: it must not save checkpoint_step_0000008 a
+    second time (Ray would then hold two entries for one folder and, once the older one is evicted,
+    delete the folder the newer one needs)."""
+    import json
+
+    cfg, first = zero_runs[2]
+    snapshot = Path(cfg.run_dir()) / "checkpoint_manager_snapshot.json"
+
+    def registered() -> list[str]:
+        return [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+
+    assert registered() == ["checkpoint_step_0000006", "checkpoint_step_0000008"]
+    again = run_training(cfg)
+    assert registered() == ["checkpoint_step_0000006", "checkpoint_step_0000008"]
+    assert sorted(p.name for p in Path(cfg.run_dir()).glob("checkpoint_step_*")) == registered()
+    assert Path(again.checkpoint.path).name == "checkpoint_step_0000008"
+    client, (run,) = mlflow_run(cfg)
+    assert sorted(losses(client, run.info.run_id)) == list(range(1, STEPS + 1))  # no step trained twice
 
 
 def test_no_credentials_in_logs_params_or_artifacts(
