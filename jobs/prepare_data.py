@@ -14,8 +14,8 @@ import json
 import sys
 
 import ray
-import yaml
 
+from dragonfly_platform.config import ConfigError, read_yaml_mapping, validate_config
 from dragonfly_platform.curation import CurationConfig, format_counts, run_curation
 
 
@@ -31,13 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
 
-    with open(args.config) as f:
-        recipe = yaml.safe_load(f)
-    if args.output:
-        recipe["output"] = args.output
-    if args.seed is not None:
-        recipe["seed"] = args.seed
-    config = CurationConfig.model_validate(recipe)
+    try:
+        recipe = read_yaml_mapping(args.config, "curation recipe")
+        if args.output:
+            recipe["output"] = args.output
+        if args.seed is not None:
+            recipe["seed"] = args.seed
+        config = validate_config(CurationConfig, recipe, args.config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     ray.init(ignore_reinit_error=True)
     report = run_curation(config)

@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dragonfly_platform.cli import connect_ray
-from dragonfly_platform.config import ConfigError
+from dragonfly_platform.config import ConfigError, validate_config
 from dragonfly_platform.registry import (
     PromotionConflict,
     PromotionError,
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             before, after = rollback(client, cfg.registered_model, cfg.lock_stale_after_s, cfg.lock_settle_s)
             print(f"{cfg.registered_model}: champion rolled back from v{before} to v{after}")
             return 0
-        result = promote(client, args.run, cfg, _evaluator(cfg, args.num_ray_cpus))
+        result = promote(client, args.run, cfg, _evaluator(cfg, args.config, args.num_ray_cpus))
     except PromotionConflict as err:
         print(f"conflict: {err}", file=sys.stderr)
         return EXIT_CONFLICT
@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result.promoted else EXIT_REFUSED
 
 
-def _evaluator(cfg, num_ray_cpus: float | None):
+def _evaluator(cfg, config_path: str, num_ray_cpus: float | None):
     from dragonfly_platform.evaluate import EvalConfig, evaluator
 
-    eval_cfg = EvalConfig.model_validate(cfg.eval)
+    eval_cfg = validate_config(EvalConfig, cfg.eval, f"{config_path} (eval section)")  # before Ray starts
     connect_ray(num_ray_cpus)
     return evaluator(eval_cfg, cfg.resolved_tracking_uri())
 

@@ -27,17 +27,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", default="runs/quickstart", help="storage folder of both runs and MLflow")
-    parser.add_argument("--data", default="data/demo", help="demo dataset folder")
+    parser.add_argument(
+        "--out", help="storage folder of both runs and MLflow (default: runs/quickstart in the repo)"
+    )
+    parser.add_argument("--data", help="demo dataset folder (default: data/demo in the repo)")
     parser.add_argument("--num-cpus", type=float, default=4, help="logical CPUs of the local Ray")
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
     args = parser.parse_args(argv)
+    # Paths given on the command line are the caller's, resolved before moving to the repo.
+    out = Path(args.out).resolve() if args.out else ROOT / "runs" / "quickstart"
+    data = Path(args.data).resolve() if args.data else ROOT / "data" / "demo"
     os.chdir(ROOT)
     started = time.perf_counter()
 
     from dragonfly_platform.config import load_run_config
 
-    out, data = Path(args.out).resolve(), Path(args.data).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
     configs = []
