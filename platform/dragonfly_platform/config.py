@@ -211,7 +211,7 @@ class RunConfig(_Section):
     def flatten(self) -> dict[str, str]:
         """``{"train.lr": "2e-05", ...}`` for MLflow params, with secrets left out and credentials
         stripped from URIs."""
-        return {k: _redact_uri(str(v)) for k, v in _flatten(self.model_dump(mode="json")).items()}
+        return redact_params(_flatten(self.model_dump(mode="json")))
 
 
 # -- validation helpers ----------------------------------------------------------------------
@@ -327,11 +327,19 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():
-            if _SECRET_KEY.search(str(key)):
-                continue
             out.update(_flatten(item, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): value}
+
+
+def redact_params(params: dict[str, Any]) -> dict[str, str]:
+    """Flat ``{"a.b": value}`` params as MLflow may show them: keys that name a secret left out,
+    passwords in URIs (``postgresql://user:pw@host``) masked."""
+    return {
+        key: _redact_uri(str(value))
+        for key, value in params.items()
+        if not any(_SECRET_KEY.search(part) for part in str(key).split("."))
+    }
 
 
 def _redact_uri(text: str) -> str:
@@ -423,5 +431,6 @@ __all__ = [
     "load_run_config",
     "parse_run_config",
     "apply_overrides",
+    "redact_params",
     "resolve_model_config",
 ]

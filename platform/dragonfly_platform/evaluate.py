@@ -435,8 +435,14 @@ def evaluate_model(
         run_id = model.run_id if log_to == "auto" else None
         if run_id is None:
             run_id = _new_evaluation_run(client, cfg, model, set_name)
-        log_evaluation(client, run_id, set_name, metrics, table, model)
-        if run_id != model.run_id:
+        own_run = run_id != model.run_id
+        try:
+            log_evaluation(client, run_id, set_name, metrics, table, model)
+        except BaseException:
+            if own_run:  # not left RUNNING
+                client.set_terminated(run_id, status="FAILED")
+            raise
+        if own_run:
             client.set_terminated(run_id)
     return EvalResult(metrics, table, model, run_id)
 

@@ -217,20 +217,24 @@ def log_pyfunc_model(run_id: str, export_dir: str, tracking_uri: str | None = No
         # system allows (MLflow refuses symbolic links that lead outside the folder).
         weights = os.path.join(tmp, WEIGHTS_ARTIFACT)
         shutil.copytree(export_dir, weights, copy_function=_link_or_copy)
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*An input example was not provided")
-            info = mlflow.pyfunc.log_model(
-                name=PYFUNC_NAME,
-                python_model=DragonflyPyfunc(),
-                artifacts={WEIGHTS_ARTIFACT: weights},
-                code_paths=_copy_packages(os.path.join(tmp, "code")),
-                signature=pyfunc_signature(),
-                # No input_example: MLflow would load the model in this process to validate it, which
-                # costs the full weights in memory at log time for a production-size model.
-                pip_requirements=serving_requirements(),
-                model_config={"device": "auto"},
-            )
-    client.update_run(run_id, status=status)  # start_run/end_run marked it RUNNING, then FINISHED
+        try:
+            with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*An input example was not provided")
+                info = mlflow.pyfunc.log_model(
+                    name=PYFUNC_NAME,
+                    python_model=DragonflyPyfunc(),
+                    artifacts={WEIGHTS_ARTIFACT: weights},
+                    code_paths=_copy_packages(os.path.join(tmp, "code")),
+                    signature=pyfunc_signature(),
+                    # No input_example: MLflow would load the model in this process to validate it,
+                    # which costs the full weights in memory at log time for a production-size model.
+                    pip_requirements=serving_requirements(),
+                    model_config={"device": "auto"},
+                )
+        finally:
+            # start_run/end_run marked the training run RUNNING, then FINISHED (FAILED if the
+            # upload failed): its own status stands either way.
+            client.update_run(run_id, status=status)
     return info.model_uri
 
 

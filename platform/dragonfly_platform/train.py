@@ -217,11 +217,16 @@ def _ray_storage(cfg: RunConfig):
 
 def run_training(cfg: RunConfig, callbacks: list | tuple = ()):
     """Prepare, fit and return Ray's ``Result``; the MLflow run is marked FAILED if training fails."""
-    from dragonfly_platform.tracking import mark_failed
-
     cfg = cfg.with_absolute_paths()
     prepared = prepare_run(cfg)
-    trainer = build_trainer(cfg, callbacks, prepared)
+    return fit(build_trainer(cfg, callbacks, prepared), cfg, prepared)
+
+
+def fit(trainer, cfg: RunConfig, prepared: PreparedRun):
+    """``trainer.fit()``; if it fails, the run's MLflow run is marked FAILED (a worker that dies
+    before its first report could not do it, and the run would show RUNNING forever)."""
+    from dragonfly_platform.tracking import mark_failed
+
     try:
         return trainer.fit()
     except BaseException:
@@ -673,4 +678,5 @@ __all__ = [
     "TrainState",
     "publish_dir",
     "fetched_dir",
+    "fit",
 ]

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from dragonfly_platform.config import RunConfig
+from dragonfly_platform.config import RunConfig, redact_params
 from dragonfly_platform.sweep_config import (
     DRIVER_CPUS,
     IMAGE_TOKENS,
@@ -107,7 +107,7 @@ def run_trial(
     finds its Train checkpoint and its MLflow child run there (both keyed by that folder)."""
     from ray import tune
 
-    from dragonfly_platform.train import build_trainer, prepare_run
+    from dragonfly_platform.train import build_trainer, fit, prepare_run
 
     context = tune.get_context()
     overrides = trial_overrides(config)
@@ -118,7 +118,7 @@ def run_trial(
     prepared = prepare_run(cfg)  # finds or creates the trial's MLflow run
     _adopt_child_run(cfg, prepared.mlflow_run_id, parent_run_id, context.get_trial_name(), overrides, budget)
     trainer = build_trainer(cfg, callbacks=[_report_callback(sweep.metric, budget)], prepared=prepared)
-    result = trainer.fit()
+    result = fit(trainer, cfg, prepared)
     final = {
         **budget,
         sweep.metric: result.metrics.get(sweep.metric),
@@ -235,7 +235,7 @@ def sweep_params(sweep: SweepConfig) -> dict[str, str]:
         "sweep.metric": sweep.metric,
         "sweep.mode": sweep.mode,
         "sweep.search": json.dumps(space),
-        "sweep.overrides": json.dumps(sweep.overrides, default=str),
+        "sweep.overrides": json.dumps(redact_params(sweep.overrides)),
     }
     if sweep.scheduler:
         params["sweep.scheduler"] = json.dumps(sweep.scheduler.model_dump())

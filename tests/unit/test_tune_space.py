@@ -334,3 +334,19 @@ def test_plot_labels_name_the_searched_values():
     row = {"model.zoom.levels": ["low", "high"], "model.tokens.tokens.high": 16, "train.lr": 0.000123456}
     keys = ["model.zoom.levels", "model.tokens.tokens.medium", "model.tokens.tokens.high", "train.lr"]
     assert trial_label(row, keys) == "levels=L+H high=16 lr=0.000123"
+
+
+def test_sweep_params_show_no_secret_of_the_overrides(tmp_path):
+    from dragonfly_platform.tune import sweep_params
+
+    sweep = sweep_from(
+        tmp_path,
+        search={"train.lr": {"grid": [1e-3]}},
+        overrides={
+            "mlflow.tracking_uri": "postgresql://bob:planted-pw@db:5432/mlflow",
+            "data.storage.secret_key": "planted-key",
+            "train.max_steps": 3,
+        },
+    )
+    shown = json.loads(sweep_params(sweep)["sweep.overrides"])
+    assert shown == {"mlflow.tracking_uri": "postgresql://bob:***@db:5432/mlflow", "train.max_steps": "3"}
