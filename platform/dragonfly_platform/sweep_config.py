@@ -120,7 +120,8 @@ class SchedulerSection(_Section):
     """ASHA: a trial is stopped at rung ``grace_period * reduction_factor**k`` (counted in validation
     reports) when its metric is outside the best ``1/reduction_factor`` of the trials that reached
     that rung. ``max_t``: the validation reports of a full trial (``train.max_steps /
-    train.checkpoint_every``); rungs lie at or below it, and trials that pass them all finish."""
+    train.checkpoint_every``); rungs lie strictly below it (a trial is never cut at the report that
+    ends its training), and trials that pass them all finish."""
 
     type: Literal["asha", "fifo"] = "asha"
     grace_period: Annotated[int, Field(gt=0)] = 1
@@ -129,8 +130,11 @@ class SchedulerSection(_Section):
 
     @model_validator(mode="after")
     def _grace_within_budget(self):
-        if self.grace_period > self.max_t:
-            raise ValueError(f"grace_period={self.grace_period} exceeds max_t={self.max_t}")
+        if self.grace_period >= self.max_t:
+            raise ValueError(
+                f"grace_period={self.grace_period} must be below max_t={self.max_t}: the first cut "
+                "comes before a trial's last validation"
+            )
         return self
 
 

@@ -259,10 +259,13 @@ def _scheduler(sweep: SweepConfig):
     return ASHAScheduler(
         # Rounds count validation reports only: the trial's last report (exact match, after
         # training) has none, so ASHA never cuts a trial between its training and that report.
-        # One past max_t: a trial with max_t reports finishes instead of being capped at its last.
         time_attr=VALIDATION_ROUND,
         grace_period=s.grace_period,
-        max_t=s.max_t + 1,
+        # Ray puts a rung at max_t itself whenever max_t = grace * rf**k (and, by default, stops
+        # every trial that reaches max_t): half a round short of the last validation, and with
+        # stop_last_trials off, every rung lies before it and a trial that passes them finishes.
+        max_t=s.max_t - 0.5,
+        stop_last_trials=False,
         reduction_factor=s.reduction_factor,
     )
 

@@ -190,7 +190,11 @@ def test_bayesian_space_has_only_sampled_axes(tmp_path):
         ),
         (
             {"search": {"train.lr": {"grid": [1e-3]}}, "scheduler": {"grace_period": 5, "max_t": 2}},
-            "exceeds max_t",
+            "grace_period=5 must be below max_t=2",
+        ),
+        (
+            {"search": {"train.lr": {"grid": [1e-3]}}, "scheduler": {"grace_period": 3, "max_t": 3}},
+            "grace_period=3 must be below max_t=3",
         ),
     ],
 )
@@ -350,3 +354,40 @@ def test_sweep_params_show_no_secret_of_the_overrides(tmp_path):
     )
     shown = json.loads(sweep_params(sweep)["sweep.overrides"])
     assert shown == {"mlflow.tracking_uri": "postgresql://bob:***@db:5432/mlflow", "train.max_steps": "3"}
+
+
+@pytest.mark.parametrize(
+    ("grace", "max_t", "rungs"),
+    [(1, 8, [4, 2, 1]), (3, 12, [6, 3]), (3, 10, [6, 3]), (1, 3, [2, 1])],
+)
+def test_asha_rungs_lie_before_a_trials_last_validation(tmp_path, grace, max_t, rungs):
+    """1/8/2 and 3/12/2 are where Ray on its own would put a rung at max_t, the round a full trial
+    ends its training on, and cut trials there before their export and exact-match report."""
+    from ray.tune.schedulers.trial_scheduler import TrialScheduler
+
+    from dragonfly_platform.tune import VALIDATION_ROUND, _scheduler
+
+    sweep = sweep_from(
+        tmp_path,
+        search={"train.lr": {"grid": [1e-3]}},
+        scheduler={"type": "asha", "grace_period": grace, "max_t": max_t, "reduction_factor": 2},
+    )
+    scheduler = _scheduler(sweep)
+    scheduler.set_search_properties(metric="val_loss", mode="min")
+    assert [milestone for milestone, _ in scheduler._brackets[0]._rungs] == rungs
+
+    class Trial:
+        def __init__(self, trial_id):
+            self.trial_id = trial_id
+
+    better, worse = Trial("better"), Trial("worse")
+    for trial in (better, worse):
+        scheduler.on_trial_add(None, trial)
+    actions = []
+    for round_ in range(1, max_t + 1):  # alike until the last round, where one is worse
+        for trial, last_loss in ((better, 0.5), (worse, 0.9)):
+            loss = last_loss if round_ == max_t else 1.0
+            actions.append(
+                scheduler.on_trial_result(None, trial, {VALIDATION_ROUND: round_, "val_loss": loss})
+            )
+    assert set(actions) == {TrialScheduler.CONTINUE}  # the worse one still finishes and reports
