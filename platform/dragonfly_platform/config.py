@@ -60,9 +60,8 @@ class TrainConfig(_Section):
     # Training stops after `epochs` passes or `max_steps` optimizer steps, whichever comes first.
     epochs: Annotated[int, Field(gt=0)] = 1
     max_steps: Annotated[int, Field(gt=0)] | None = None
-    seed: Annotated[int, Field(ge=0)] = (
-        0  # initial weights (alike on every rank); data order: data.shuffle_seed
-    )
+    # The initial weights (alike on every rank); the data order follows data.shuffle_seed.
+    seed: Annotated[int, Field(ge=0)] = 0
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
