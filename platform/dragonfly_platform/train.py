@@ -371,16 +371,6 @@ class Worker:
         # The step the newest checkpoint holds: a run resumed at its last step must not write
         # checkpoint_step_N again (Ray deletes old checkpoints by folder, and would delete both).
         self.checkpointed_step = self.state.step if folder else None
-        # The data position is known: the first epoch's pipeline warms up (tasks scheduled, workers
-        # started, first blocks cropped) while the model and the engine are built. A finished run
-        # resumed at its end has nothing to train: no pipeline.
-        max_steps = self.cfg.train.max_steps
-        finished = self.state.epoch >= self.cfg.train.epochs or (max_steps and self.state.step >= max_steps)
-        self._next_batches = None if finished else _started(self._epoch_batches())
-        model = self._build_model()
-        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        optimizer = build_optimizer(param_groups(model, self.cfg.train.weight_decay), self.cfg)
-
         _, rows = self._rows_per_rank("train", epoch=0, start=0)
         # Every rank steps together, so an epoch lasts as long as the smallest partition allows.
         fewest_rows = int(self._all_reduce([rows], op="min")[0])
@@ -394,6 +384,13 @@ class Worker:
         self.total_steps = self.steps_per_epoch * self.cfg.train.epochs
         if self.cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, self.cfg.train.max_steps)
+        # The data position is known: the first epoch's pipeline warms up (tasks scheduled, workers
+        # started, first blocks cropped) while the model and the engine are built. A finished run
+        # resumed at its end has nothing to train: no pipeline.
+        self._next_batches = None if self._finished() else _started(self._epoch_batches())
+        model = self._build_model()
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        optimizer = build_optimizer(param_groups(model, self.cfg.train.weight_decay), self.cfg)
         scheduler = build_scheduler(optimizer, self.total_steps, self.cfg.train)
 
         if not self.cfg.run.use_gpu:
@@ -446,7 +443,7 @@ class Worker:
             f"micro-batch {self.cfg.train.micro_batch_size} x {self.accumulation} accumulation, "
             f"ZeRO-{self.cfg.train.zero_stage}, {self.trainable:,} trainable params"
         )
-        while self.state.step < self.total_steps and self.state.epoch < self.cfg.train.epochs:
+        while not self._finished():
             epoch_done = self._train_epoch()
             if epoch_done:
                 self.state.epoch += 1
@@ -465,6 +462,9 @@ class Worker:
                 break
             taken.append(batch)
         return taken, time.perf_counter() - started
+
+    def _finished(self) -> bool:
+        return self.state.step >= self.total_steps or self.state.epoch >= self.cfg.train.epochs
 
     def _epoch_batches(self):
         """Training batches from the current data position (``state.epoch``, ``state.consumed``)."""
