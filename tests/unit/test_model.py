@@ -412,9 +412,15 @@ def test_save_works_when_parameters_are_views_of_one_flat_buffer(tmp_path, tie):
         assert torch.equal(value, restored[name]), name
 
 
-def test_bfloat16_config_casts_every_parameter():
+def test_bfloat16_config_casts_every_parameter_and_keeps_rotary_frequencies_float32():
     model = DragonflyModel(DragonflyConfig.tiny(VOCAB, IMAGE_ID, dtype="bfloat16")).eval()
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # Rounded to bf16, rotary angles drift with position: the text after an image block is far out.
+    reference = DragonflyModel(DragonflyConfig.tiny(VOCAB, IMAGE_ID)).llm.model.rotary_emb
+    rotary = model.llm.model.rotary_emb
+    for name in ("inv_freq", "original_inv_freq"):
+        assert getattr(rotary, name).dtype == torch.float32, name
+        assert torch.equal(getattr(rotary, name), getattr(reference, name)), name
     assert model.vision.normalize(random_pixels(1)[0]).dtype == torch.bfloat16
     batch = make_batch([([1, 2], True, [3, 4])], model.layout.positions)
     with torch.no_grad():
