@@ -10,9 +10,10 @@ The released Hugging Face checkpoints (``togethercomputer/Llama-3.1-8B-Dragonfly
 The CLIP weights are renamed into open_clip's ``VisionTransformer`` layout (q/k/v projections
 concatenated into ``in_proj_weight``). The ViT's last block and final norm are dropped: the released
 model reads ``hidden_states[-2]`` and never uses them, and our tower is pruned the same way.
-The released model has no learned separator, so ``projector.separator`` (if the token config asks
-for separators) keeps its fresh initialisation: train it (stage 1 does) or set
-``tokens.separator = false``.
+The released model has no separator between crops (2057 image positions: one CLS per crop, see
+docs/budget.md), so the config derived from a released ``config.json`` has ``tokens.separator =
+false`` and the converted model reproduces it. A ``--config`` that asks for separators gets a freshly
+initialised ``projector.separator``, listed as newly initialised: train it (stage 1 does).
 
 CLI: ``python -m dragonfly.convert SRC_DIR DST_DIR [--config dragonfly_config.json]``; SRC_DIR holds
 the released ``*.safetensors`` shards and ``config.json``; DST_DIR gets ``save_pretrained`` output.
@@ -190,7 +191,8 @@ def load_safetensors_dir(directory: str | Path) -> dict[str, torch.Tensor]:
 
 def released_config(hf_config: Mapping, image_token_id: int) -> DragonflyConfig:
     """Our config for a released checkpoint, from its ``config.json`` (which nests the Llama
-    config as ``text_config``): ViT-L/14-336 with QuickGELU, a linear projector, paper tokens."""
+    config as ``text_config``): ViT-L/14-336 with QuickGELU, a linear projector, paper tokens with
+    one CLS per crop and no separator, as released."""
     text_config = dict(hf_config.get("text_config") or {})
     if not text_config:
         raise ConfigError("released config.json has no text_config")
@@ -198,7 +200,7 @@ def released_config(hf_config: Mapping, image_token_id: int) -> DragonflyConfig:
     return DragonflyConfig(
         image_token_id=image_token_id,
         zoom=ZoomConfig(),
-        tokens=TokenConfig(),
+        tokens=TokenConfig(separator=False),  # the released layout: 2057 positions, no separator
         vision=VisionConfig(model_name="ViT-L-14-336", pretrained=None, quick_gelu=True),
         projector="linear",
         llm_name_or_path=None,

@@ -14,6 +14,7 @@ from dragonfly.convert import (
     convert_released_checkpoint,
     load_clip_vision_weights,
     main,
+    released_config,
 )
 from dragonfly.model import TINY_VIT_CONFIG, DragonflyConfig, DragonflyModel, tiny_llama_config
 from dragonfly.vision import VisionConfig, VisionTower
@@ -157,3 +158,12 @@ def test_cli_converts_a_sharded_checkpoint(tmp_path):
     model = DragonflyModel.from_pretrained(dst)
     assert torch.equal(model.projector.proj.weight, projector.weight)
     assert json.loads((dst / "config.json").read_text())["vision"]["pretrained"] is None
+
+
+def test_released_config_has_the_released_layout():
+    """One CLS per crop and no separator: 2057 image positions, like the released model (a config
+    with separators would put 41 untrained vectors into every image block)."""
+    config = released_config({"text_config": {"hidden_size": 4096, "num_hidden_layers": 32}}, 128256)
+    assert (config.tokens.keep_cls, config.tokens.separator) == (True, False)
+    assert config.layout.positions == 2057
+    assert (config.vision.model_name, config.vision.quick_gelu) == ("ViT-L-14-336", True)
