@@ -334,10 +334,25 @@ class S3Server:
         self.process.kill()
 
     def restart(self, timeout: float = 60.0) -> None:
-        """Start the same command again (same ports, same data dir: objects survive)."""
+        """Start the same command again (same ports, same data dir: objects survive). Returns once
+        stored objects read back: SeaweedFS answers bucket listings before its volume server has
+        loaded its data, and a read in between fails with InternalError."""
         self.process.stop()
         self.process.launch()
-        self.process.wait_ready(self.healthy, timeout)
+        self.process.wait_ready(lambda: self.healthy() and self._serves_stored_objects(), timeout)
+
+    def _serves_stored_objects(self) -> bool:
+        """One stored object (the first of the first non-empty bucket) reads back; True when none is stored."""
+        client = self.client(retries=1, timeout=2.0)
+        try:
+            for bucket in client.list_buckets()["Buckets"]:
+                listing = client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=1)
+                for stored in listing.get("Contents", []):
+                    client.get_object(Bucket=bucket["Name"], Key=stored["Key"])["Body"].read()
+                    return True
+        except Exception:
+            return False
+        return True
 
 
 def _seaweedfs_command(data_dir: Path, port: int) -> list[str]:
