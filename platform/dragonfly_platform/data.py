@@ -347,13 +347,25 @@ def _append(out, row, source, has_image, input_ids, labels, pixels, reason, mess
 # Consumer side (in the train worker)
 
 
+def bad_records_file_name(split: Split, rank: int) -> str:
+    return f"bad_records-{split}-rank{rank}.jsonl"
+
+
 class BadRecordLog:
     """Counts good and bad records, appends bad ones to a JSONL file and enforces
     ``max_bad_fraction``. One per rank and split; the file is appended to across epochs and
     resumes, one line per bad record seen: ``{"id", "source", "reason", "message", "epoch"}``."""
 
-    def __init__(self, path: str | None, max_bad_fraction: float, min_records: int = 100, epoch: int = 0):
+    def __init__(
+        self,
+        path: str | None,
+        max_bad_fraction: float,
+        min_records: int = 100,
+        epoch: int = 0,
+        published_path: str | None = None,
+    ):
         self.path = path
+        self.published_path = published_path  # where the user finds the file, when not at ``path``
         self.max_bad_fraction = max_bad_fraction
         self.min_records = min_records
         self.epoch = epoch
@@ -364,15 +376,25 @@ class BadRecordLog:
 
     @classmethod
     def for_rank(
-        cls, data_cfg: DataConfig, out_dir: str, split: Split, rank: int, epoch: int = 0, fresh: bool = False
+        cls,
+        data_cfg: DataConfig,
+        out_dir: str,
+        split: Split,
+        rank: int,
+        epoch: int = 0,
+        fresh: bool = False,
+        published_dir: str | None = None,
     ) -> BadRecordLog:
-        """The log of ``rank`` at ``out_dir/bad_records-<split>-rank<r>.jsonl`` (next to the run's
-        outputs). ``fresh`` empties the file first: a pass that reads the same records again (each
-        validation) lists them once, not once per pass."""
-        path = os.path.join(out_dir, f"bad_records-{split}-rank{rank}.jsonl")
+        """The log of ``rank`` at ``out_dir/bad_records-<split>-rank<r>.jsonl``; ``published_dir`` is
+        where that file is copied for the user (the run's outputs), named in errors. ``fresh`` empties
+        the file first: a pass that reads the same records again (each validation) lists them once,
+        not once per pass."""
+        name = bad_records_file_name(split, rank)
+        path = os.path.join(out_dir, name)
         if fresh and os.path.exists(path):
             os.remove(path)
-        return cls(path, data_cfg.max_bad_fraction, data_cfg.min_records_for_bad_fraction, epoch)
+        published = f"{published_dir}/{name}" if published_dir else None
+        return cls(path, data_cfg.max_bad_fraction, data_cfg.min_records_for_bad_fraction, epoch, published)
 
     @property
     def bad(self) -> int:
@@ -409,7 +431,7 @@ class BadRecordLog:
             raise TooManyBadRecords(
                 f"{self.bad} of {self.seen} records were bad ({self.bad / self.seen:.1%}), over "
                 f"max_bad_fraction={self.max_bad_fraction:.1%}; by reason: {by_reason}. "
-                f"Records are listed in {self.path or '(no file)'}"
+                f"Records are listed in {self.published_path or self.path or '(no file)'}"
             )
 
     def summary(self) -> dict[str, Any]:
@@ -503,6 +525,7 @@ __all__ = [
     "DataConfig",
     "TooManyBadRecords",
     "BadRecordLog",
+    "bad_records_file_name",
     "ROW_SCHEMA",
     "rank_indices",
     "build_rank_dataset",

@@ -247,6 +247,7 @@ class TrainState:
     consumed: int = 0
     samples: int = 0
     tokens: int = 0
+    bad_records: int = 0  # training records skipped as bad, all ranks, all epochs
     world_size: int = 1
 
     @classmethod
@@ -330,8 +331,17 @@ class Worker:
         from dragonfly_platform.data import BadRecordLog, iter_train_batches
 
         bad_log = BadRecordLog.for_rank(
-            self.cfg.data, self.bad_records_dir, split, self.rank, self.state.epoch, fresh=split == "val"
+            self.cfg.data,
+            self.bad_records_dir,
+            split,
+            self.rank,
+            self.state.epoch,
+            fresh=split == "val",
+            published_dir=self.bad_records_url,
         )
+        self.bad_logs[split] = bad_log
+        if split == "train":  # the run's count so far; this log adds what the rest of the epoch skips
+            self.bad_records_before_log = self.state.bad_records
         return iter(
             iter_train_batches(
                 dataset,
@@ -359,15 +369,10 @@ class Worker:
 
         with fetched_dir(self.processor_url, self.storage) as processor_dir:
             self.processor = DragonflyProcessor.from_pretrained(processor_dir)
-        # Bad-records files are appended locally (the run folder itself when it is local).
-        self.bad_records_dir = (
-            os.path.join(tempfile.gettempdir(), "dragonfly-bad-records", self.cfg.run.name)
-            if self.cfg.run.on_s3
-            else f"{self.cfg.run_dir()}/bad_records"
-        )
         checkpoint = ray.train.get_checkpoint()
         folder = stack.enter_context(checkpoint.as_directory()) if checkpoint is not None else None
         self.state = self._resume_position(folder) if folder else TrainState(world_size=self.world_size)
+        self._open_bad_records(resumed=folder is not None)
         # The step the newest checkpoint holds: a run resumed at its last step must not write
         # checkpoint_step_N again (Ray deletes old checkpoints by folder, and would delete both).
         self.checkpointed_step = self.state.step if folder else None
@@ -414,6 +419,34 @@ class Worker:
         self.tracker.log_params(self.cfg.flatten())
         self.tracker.set_tags({"trainable_params": self.trainable, "world_size": self.world_size})
 
+    def _open_bad_records(self, resumed: bool) -> None:
+        """This rank's bad-records files are appended in a local folder and published to
+        ``<run>/bad_records`` (local or S3) at each checkpoint and at the end, so the published files
+        list exactly the records of the run's checkpointed history: a resumed run fetches its train
+        file as of its checkpoint and appends to it, never listing a record twice."""
+        from dragonfly_platform.data import bad_records_file_name
+
+        self.bad_logs: dict[str, Any] = {}
+        self.val_bad_records = 0
+        self.bad_records_url = f"{self.cfg.run_dir()}/bad_records"
+        self.bad_records_dir = tempfile.mkdtemp(prefix="dragonfly-bad-records-")
+        name = bad_records_file_name("train", self.rank)
+        fs = self.storage.filesystem(self.bad_records_url)
+        published = f"{strip_scheme(self.bad_records_url)}/{name}"
+        if resumed and fs.exists(published):
+            fs.get_file(published, os.path.join(self.bad_records_dir, name))
+
+    def _publish_bad_records(self) -> None:
+        """Copy this rank's bad-records files to ``<run>/bad_records``."""
+        files = sorted(Path(self.bad_records_dir).glob("*.jsonl"))
+        if not files:
+            return
+        fs = self.storage.filesystem(self.bad_records_url)
+        target = strip_scheme(self.bad_records_url)
+        fs.makedirs(target, exist_ok=True)
+        for path in files:
+            fs.put_file(str(path), f"{target}/{path.name}")
+
     def _resume_position(self, folder: str) -> TrainState:
         state = TrainState.load(folder, self.rank)
         if state.world_size != self.world_size:
@@ -436,6 +469,8 @@ class Worker:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
+        from dragonfly_platform.data import TooManyBadRecords
+
         with contextlib.ExitStack() as stack:
             self.setup(stack)
         self._log(
@@ -443,15 +478,24 @@ class Worker:
             f"micro-batch {self.cfg.train.micro_batch_size} x {self.accumulation} accumulation, "
             f"ZeRO-{self.cfg.train.zero_stage}, {self.trainable:,} trainable params"
         )
-        while not self._finished():
-            epoch_done = self._train_epoch()
-            if epoch_done:
-                self.state.epoch += 1
-                self.state.consumed = 0
-        if self.state.step != self.checkpointed_step:  # the final step gets a checkpoint too
-            self._checkpoint(self._validate())
-        self._export()
+        try:
+            while not self._finished():
+                epoch_done = self._train_epoch()
+                if epoch_done:
+                    self.state.epoch += 1
+                    self.state.consumed = 0
+            if self.state.step != self.checkpointed_step:  # the final step gets a checkpoint too
+                self._checkpoint(self._validate())
+        except TooManyBadRecords:
+            self._publish_bad_records()  # the list is what the user needs to read next
+            raise
+        self._publish_bad_records()
+        self._export()  # ends with a barrier: every rank's bad-records files are published by now
+        if self.rank == 0 and (self.state.bad_records or self.val_bad_records):
+            with fetched_dir(self.bad_records_url, self.storage) as folder:
+                self.tracker.log_artifacts(folder, "bad_records")
         self.tracker.finish()
+        shutil.rmtree(self.bad_records_dir, ignore_errors=True)
 
     def _micro_batches(self, batches):
         """Up to ``accumulation`` micro-batches and the seconds spent waiting for them."""
@@ -481,7 +525,10 @@ class Worker:
             full = len(micro) == self.accumulation
             samples = sum(len(b["input_ids"]) for b in micro)
             tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-            ranks_ready, samples, tokens = self._all_reduce([float(full), samples, tokens])
+            ranks_ready, samples, tokens, bad = self._all_reduce(
+                [float(full), samples, tokens, self.bad_logs["train"].bad]
+            )
+            self.state.bad_records = self.bad_records_before_log + int(bad)
             if ranks_ready < self.world_size:
                 return True  # some rank is out of data: nobody steps (a lone rank would hang)
             lr = self.engine.lr_scheduler.get_last_lr()[0]  # the rate this step uses
@@ -533,6 +580,7 @@ class Worker:
             "epoch": self.state.epoch,
             "samples": self.state.samples,
             "tokens": self.state.tokens,
+            "bad_records": self.state.bad_records,
         }
         self.tracker.log_metrics(metrics, step=self.state.step)
         norm = f"{grad_norm:.3f}" if grad_norm is not None else "-"
@@ -563,10 +611,11 @@ class Worker:
                 total += self.engine(**self._to_device(batch)).loss.float().item()
                 count += 1
         self.engine.train()
-        total, count = self._all_reduce([total, count])
+        total, count, bad = self._all_reduce([total, count, self.bad_logs["val"].bad])
         if not count:
             return {}
-        metrics = {"val_loss": total / count}
+        self.val_bad_records = int(bad)
+        metrics = {"val_loss": total / count, "val_bad_records": self.val_bad_records}
         self.tracker.log_metrics(metrics, step=self.state.step)
         self._log(f"step {self.state.step} val_loss {metrics['val_loss']:.4f}")
         return metrics
@@ -580,6 +629,7 @@ class Worker:
         import ray.train
         from ray.train import Checkpoint, CheckpointUploadMode
 
+        self._publish_bad_records()
         folder = tempfile.mkdtemp(prefix=f"dragonfly-ckpt-{self.state.step}-")
         self.engine.save_checkpoint(folder, tag=DEEPSPEED_TAG)
         self.state.save(folder, self.rank)

@@ -164,6 +164,18 @@ def test_a_fresh_rank_log_lists_a_reread_split_once(tmp_path):
     assert [pass_over_one_bad_record(fresh=True) for _ in range(2)] == [1, 1]
 
 
+def test_too_many_bad_records_names_the_published_file(tmp_path):
+    """A training worker writes its log locally and publishes it to the run's folder: the error must
+    send the user to the published copy, not to a temporary file on some worker node."""
+    config = DataConfig(train_manifest="unused.jsonl", max_bad_fraction=0.0)
+    published = "s3://bucket/runs/r1/bad_records"
+    log = BadRecordLog.for_rank(config, str(tmp_path), "train", rank=1, published_dir=published)
+    log.add_bad("t1", "t1.png", "truncated", "cut")
+    with pytest.raises(TooManyBadRecords, match=f"listed in {published}/bad_records-train-rank1.jsonl$"):
+        log.check(final=True)
+    assert (tmp_path / "bad_records-train-rank1.jsonl").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Real Ray
 

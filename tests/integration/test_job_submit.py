@@ -6,6 +6,7 @@ Data travels through S3 like on a cluster: `data/` is git-ignored, so `--working
 upload it; the demo set is written locally and copied to the stack's bucket.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -94,9 +95,9 @@ def test_submitted_training_job_checkpoints_to_s3_and_logs_to_mlflow(stack, tmp_
     import s3fs
     from mlflow import MlflowClient
 
-    from dragonfly_platform.demo_data import write_demo_dataset
+    from dragonfly_platform.demo_data import PLANTED_BAD_REASONS, write_demo_dataset
 
-    write_demo_dataset(tmp_path / "demo", 16, 4, 0, False)
+    write_demo_dataset(tmp_path / "demo", 16, 4, 0, with_bad_records=True)
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **stack.s3.storage_options())
     fs.put(str(tmp_path / "demo"), f"{stack.bucket}/demo", recursive=True)
     assert fs.exists(f"{stack.bucket}/demo/train.jsonl")
@@ -110,6 +111,7 @@ def test_submitted_training_job_checkpoints_to_s3_and_logs_to_mlflow(stack, tmp_
         "train.max_steps": "2",
         "train.checkpoint_every": "1",
         "train.eval_batches": "1",
+        "data.max_bad_fraction": "0.6",  # 6 planted bad records in 22, 5 of them in rank 0's 11
     }
     command = [_ray_bin(), "job", "submit", "--working-dir", ".", "--", "python", "jobs/train.py"]
     command += ["--config", TINY_RECIPE]
@@ -137,3 +139,17 @@ def test_submitted_training_job_checkpoints_to_s3_and_logs_to_mlflow(stack, tmp_
     runs = client.search_runs([experiment.experiment_id])
     assert [run.info.status for run in runs] == ["FINISHED"]
     assert {"loss", "val_loss"} <= set(runs[0].data.metrics)
+
+    # The workers' bad-records files are published next to the checkpoints, list planted records
+    # only, add up to the run's bad_records metric, and are in the MLflow run too.
+    published = sorted(path for path in stored if "/bad_records/" in path)
+    assert [path.rsplit("/", 1)[-1] for path in published] == [
+        "bad_records-train-rank0.jsonl",
+        "bad_records-train-rank1.jsonl",
+    ], stored
+    entries = [json.loads(line) for path in published for line in fs.cat(path).decode().splitlines()]
+    assert entries and all(PLANTED_BAD_REASONS[e["id"]] == e["reason"] for e in entries), entries
+    assert len({(e["id"], e["epoch"]) for e in entries}) == len(entries)  # once per epoch
+    assert runs[0].data.metrics["bad_records"] == len(entries)
+    logged = [a.path for a in client.list_artifacts(runs[0].info.run_id, "bad_records")]
+    assert logged == [f"bad_records/{path.rsplit('/', 1)[-1]}" for path in published]
