@@ -2,7 +2,7 @@
 
     python jobs/evaluate.py --model models:/Dragonfly@champion --data data/demo/val.jsonl --task open
     python jobs/evaluate.py --model runs/tiny-stage1/export --data s3://bucket/val.jsonl --num-gpus 1
-    ray job submit --working-dir . -- python jobs/evaluate.py --model runs:/<run id>/model --data ...
+    ray job submit --runtime-env infra/runtime_env.yaml -- python jobs/evaluate.py --model runs:/<run id>/model --data ...
 
 ``--model``: a local export folder, an ``s3://`` prefix, ``runs:/<id>/<path>``, ``models:/<name>@<alias>``,
 ``models:/<name>/<version>``. Predictions and per-sample scores become a table (Parquet + CSV) and

@@ -1,7 +1,7 @@
 """Curate training data: dedup, per-image caps, source weights, text-only mix -> Parquet shards.
 
     python jobs/prepare_data.py --config jobs/configs/prepare_data_demo.yaml [--output s3://bucket/curated]
-    ray job submit --working-dir . -- python jobs/prepare_data.py --config ...
+    ray job submit --runtime-env infra/runtime_env.yaml -- python jobs/prepare_data.py --config ...
 
 Runs on the Ray cluster in RAY_ADDRESS (or a local one). Prints the per-source counts before and
 after each step; the output folder also gets _curation_report.json and _bad_records.jsonl.

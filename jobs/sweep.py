@@ -1,7 +1,7 @@
 """Run a Ray Tune sweep over a training recipe: one Ray Train run per trial, ASHA early stopping.
 
     python jobs/sweep.py --config jobs/configs/sweep_pooling_tiny.yaml --num-cpus 4
-    ray job submit --working-dir . -- python jobs/sweep.py --config jobs/configs/sweep_pooling.yaml
+    ray job submit --runtime-env infra/runtime_env.yaml -- python jobs/sweep.py --config jobs/configs/sweep_pooling.yaml
 
 Every trial's run config is validated before anything starts. Rerunning the same command continues
 an interrupted sweep from its saved state (finished trials are not run again). Results: the MLflow

@@ -1,7 +1,7 @@
 """Train Dragonfly with Ray Train + DeepSpeed from a recipe.
 
     python jobs/train.py --config jobs/configs/tiny_stage1.yaml [--set train.max_steps=4 ...]
-    ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/stage1.yaml
+    ray job submit --runtime-env infra/runtime_env.yaml -- python jobs/train.py --config jobs/configs/stage1.yaml
 
 The config is validated before anything starts. Rerunning with the same run name and storage path
 resumes from the run's latest checkpoint. Connects to a running Ray cluster when there is one

@@ -2,8 +2,10 @@
 its checkpoints on the S3 server and its run on the MLflow server, stop the stack with its CLI, and
 find nothing left running.
 
-Data travels through S3 like on a cluster: `data/` is git-ignored, so `--working-dir .` does not
-upload it; the demo set is written locally and copied to the stack's bucket.
+The job is submitted as the cluster guide says, with `--runtime-env infra/runtime_env.yaml` (the
+checkout as working dir, plus its platform package). Data travels through S3 like on a cluster:
+`data/` is git-ignored, so it is not uploaded; the demo set is written locally and copied to the
+stack's bucket.
 """
 
 import json
@@ -113,7 +115,8 @@ def test_submitted_training_job_checkpoints_to_s3_and_logs_to_mlflow(stack, tmp_
         "train.eval_batches": "1",
         "data.max_bad_fraction": "0.6",  # 6 planted bad records in 22, 5 of them in rank 0's 11
     }
-    command = [_ray_bin(), "job", "submit", "--working-dir", ".", "--", "python", "jobs/train.py"]
+    command = [_ray_bin(), "job", "submit", "--runtime-env", "infra/runtime_env.yaml", "--"]
+    command += ["python", "jobs/train.py"]
     command += ["--config", TINY_RECIPE]
     for key, value in overrides.items():
         command += ["--set", f"{key}={value}"]

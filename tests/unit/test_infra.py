@@ -191,6 +191,47 @@ def test_credentials_only_through_secrets():
         assert name in guide, f"docs/cluster.md does not say how to create Secret {name}"
 
 
+def test_ray_token_auth_through_kuberay_auth_options():
+    """The operator hands the token to every Ray container (the autoscaler sidecar too) and uses it
+    for its own job-status calls only when `authOptions` says so; the RayJob submitters, which run
+    outside the cluster's pods, read the same Secret under KubeRay's key name."""
+    auth = _raycluster()["spec"]["authOptions"]
+    assert auth["mode"] == "token"
+    for where, container in _all_containers():
+        env = {e["name"]: e for e in container.get("env", [])}
+        if where.startswith("RayCluster/"):
+            assert "RAY_AUTH_TOKEN" not in env, f"{where}: the operator sets the token"
+        elif ":submitter" in where:
+            assert env["RAY_AUTH_MODE"]["value"] == "token", where
+            assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+                "name": auth["secretName"],
+                "key": "auth_token",
+            }, where
+
+
+def test_submitter_shell_variables_are_set_in_the_submitter():
+    """KubeRay pastes a RayJob's entrypoint into its submitter pod's shell: a `$VAR` there expands
+    in that pod, so it must be in the submitter's env (a runtime-env variable is set too late)."""
+    for job in _of_kind("RayJob"):
+        used = set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", job["spec"]["entrypoint"]))
+        (template,) = [t for where, t in _pod_templates(job) if where == "submitter"]
+        env = {e["name"] for c in _containers(template) for e in c.get("env", [])}
+        assert used <= env, f"{job['metadata']['generateName']}: {sorted(used - env)} unset in the submitter"
+
+
+def test_job_runtime_env_ships_the_checkouts_platform_package():
+    """`--working-dir .` alone puts `dragonfly` and `jobs` on the path but not the platform package
+    (installed from platform/ under its own name): the runtime env must ship it as a py_module."""
+    runtime_env = yaml.safe_load((INFRA / "runtime_env.yaml").read_text())
+    assert runtime_env["working_dir"] == "."
+    package_dir = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    shipped = {Path(module).name: module for module in runtime_env["py_modules"]}
+    for name, source in package_dir.items():
+        if name != "" and source != name:  # installed under another name than its folder's
+            assert shipped.get(name) == source, f"{name} ({source}) is not in py_modules"
+            assert (REPO / source / "__init__.py").is_file()
+
+
 def test_no_secret_material_anywhere_in_infra():
     patterns = {
         "AWS access key id": re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),

@@ -54,6 +54,13 @@ def test_every_recipe_validates_and_shows_its_command(path):
     assert header.startswith("#") and f"jobs/train.py --config jobs/configs/{path.name}" in path.read_text()
 
 
+@pytest.mark.parametrize("path", [p for p in RECIPES if load_run_config(p).run.use_gpu], ids=lambda p: p.stem)
+def test_gpu_recipes_keep_the_crop_work_on_the_cpu_group(path):
+    """GPU nodes have CPUs too: without the CPU group's custom resource (infra/: `cpu_preprocess`),
+    Ray Data would crop on the GPU nodes and take their CPUs from the training workers."""
+    assert load_run_config(path).data.preprocess_resources == {"cpu_preprocess": 0.001}
+
+
 def test_paper_stage_recipes_follow_table_10():
     stage1, stage2 = load_run_config(CONFIGS / "stage1.yaml"), load_run_config(CONFIGS / "stage2.yaml")
     for cfg, batch, lr, plan in ((stage1, 64, 2e-5, "stage1"), (stage2, 16, 2e-6, "stage2")):
