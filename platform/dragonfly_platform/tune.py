@@ -75,19 +75,22 @@ def exact_match_on_val(cfg: RunConfig, max_samples: int) -> dict[str, float]:
 # -- one trial --------------------------------------------------------------------------------
 
 
-def _report_callback(metric: str, extra: dict[str, float]):
+def _report_callback(metric: str, extra: dict[str, float], checkpoint_every: int):
     """Ray Train -> Tune: forward rank 0's validation reports (with ``metric``) numbered by
     ``VALIDATION_ROUND``, plus ``extra``. Reports without the metric would fail Tune's strict metric
-    check (and mean nothing to ASHA)."""
+    check (and mean nothing to ASHA).
+
+    A validation runs at every ``checkpoint_every``-th step and at the last step, so the round is
+    ``ceil(step / checkpoint_every)``: derived from the training position, it stays right when a
+    resumed sweep restarts the trial from its checkpoint (a counter would start again at 1 and put
+    the trial's later validations on ASHA's early rungs)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ValidationReportCallback(TuneReportCallback):
-        rounds = 0
-
         def after_report(self, run_context, metrics, checkpoint):
             if metric in metrics[0]:
-                self.rounds += 1
-                first = {**metrics[0], **extra, VALIDATION_ROUND: self.rounds}
+                round_ = math.ceil(metrics[0]["step"] / checkpoint_every)
+                first = {**metrics[0], **extra, VALIDATION_ROUND: round_}
                 super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
     return ValidationReportCallback()
@@ -117,7 +120,8 @@ def run_trial(
     budget = image_budget(cfg)
     prepared = prepare_run(cfg)  # finds or creates the trial's MLflow run
     _adopt_child_run(cfg, prepared.mlflow_run_id, parent_run_id, context.get_trial_name(), overrides, budget)
-    trainer = build_trainer(cfg, callbacks=[_report_callback(sweep.metric, budget)], prepared=prepared)
+    callback = _report_callback(sweep.metric, budget, cfg.train.checkpoint_every)
+    trainer = build_trainer(cfg, callbacks=[callback], prepared=prepared)
     result = fit(trainer, cfg, prepared)
     final = {
         **budget,

@@ -391,3 +391,34 @@ def test_asha_rungs_lie_before_a_trials_last_validation(tmp_path, grace, max_t, 
                 scheduler.on_trial_result(None, trial, {VALIDATION_ROUND: round_, "val_loss": loss})
             )
     assert set(actions) == {TrialScheduler.CONTINUE}  # the worse one still finishes and reports
+
+
+def test_validation_rounds_follow_the_training_step_across_a_resume(monkeypatch):
+    """Validations at steps 3, 6 and the last step 8 (every 3) are rounds 1, 2, 3; a trial resumed
+    from its step-3 checkpoint (a new driver, a new callback) reports step 6 as round 2, not 1."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from dragonfly_platform.tune import VALIDATION_ROUND, _report_callback
+
+    forwarded = []
+    monkeypatch.setattr(TuneReportCallback, "__init__", lambda self: None)  # needs a Tune session
+    monkeypatch.setattr(
+        TuneReportCallback,
+        "after_report",
+        lambda self, run_context, metrics, checkpoint: forwarded.append(metrics[0]),
+    )
+
+    def report(callback, step, **metrics):
+        callback.after_report(None, [{"step": step, **metrics}, {"step": step}], None)
+
+    first = _report_callback("val_loss", {"image_tokens": 784}, checkpoint_every=3)
+    report(first, 1, loss=2.0)  # a step without validation is not forwarded
+    report(first, 3, val_loss=1.5)
+    resumed = _report_callback("val_loss", {"image_tokens": 784}, checkpoint_every=3)
+    for step in (6, 8):
+        report(resumed, step, val_loss=1.0)
+    assert [(m["step"], m[VALIDATION_ROUND], m["image_tokens"]) for m in forwarded] == [
+        (3, 1, 784),
+        (6, 2, 784),
+        (8, 3, 784),
+    ]
