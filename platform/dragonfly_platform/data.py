@@ -131,6 +131,11 @@ class DataConfig(BaseModel):
 # Which rows a rank gets
 
 
+def unoffered_preprocess_resources(data_cfg: DataConfig, cluster_resources: dict[str, float]) -> list[str]:
+    """The custom resources of ``data_cfg.preprocess_resources`` that no node of the cluster has."""
+    return sorted(name for name in data_cfg.preprocess_resources if cluster_resources.get(name, 0) <= 0)
+
+
 def rank_indices(n_records: int, *, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool = True):
     """Manifest indices of ``rank``'s rows for ``epoch``, in the order it consumes them.
 
@@ -526,6 +531,7 @@ __all__ = [
     "TooManyBadRecords",
     "BadRecordLog",
     "bad_records_file_name",
+    "unoffered_preprocess_resources",
     "ROW_SCHEMA",
     "rank_indices",
     "build_rank_dataset",

@@ -160,7 +160,27 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
         processor.save_pretrained(tmp)
         publish_dir(tmp, processor_url, storage)
     run_id = resolve_mlflow_run(cfg)
+    _warn_of_unoffered_preprocess_resources(cfg)
     return PreparedRun(cfg, run_id, processor_url)
+
+
+def _warn_of_unoffered_preprocess_resources(cfg: RunConfig) -> None:
+    """A GPU recipe sends its data tasks to nodes with the CPU group's custom resource; on a cluster
+    where no node offers it (yet), they wait without an error of their own."""
+    import ray
+
+    from dragonfly_platform.data import unoffered_preprocess_resources
+
+    missing = (
+        unoffered_preprocess_resources(cfg.data, ray.cluster_resources()) if ray.is_initialized() else []
+    )
+    if missing:
+        log.warning(
+            "no node offers %s, which data.preprocess_resources asks for: the data tasks wait until "
+            "the autoscaler adds such a node. On a cluster without a CPU preprocessing group, set "
+            "data.preprocess_resources={} (docs/cluster.md)",
+            ", ".join(missing),
+        )
 
 
 def worker_runtime_env(cfg: RunConfig) -> dict[str, Any]:

@@ -61,6 +61,18 @@ def test_gpu_recipes_keep_the_crop_work_on_the_cpu_group(path):
     assert load_run_config(path).data.preprocess_resources == {"cpu_preprocess": 0.001}
 
 
+def test_a_preprocess_resource_that_no_node_offers_is_named():
+    """What the driver warns about: on one GPU box the recipes' CPU-group resource does not exist."""
+    from dragonfly_platform.data import unoffered_preprocess_resources
+
+    data = load_run_config(CONFIGS / "stage1.yaml").data
+    assert unoffered_preprocess_resources(data, {"CPU": 192.0, "GPU": 8.0}) == ["cpu_preprocess"]
+    assert unoffered_preprocess_resources(data, {"CPU": 224.0, "GPU": 8.0, "cpu_preprocess": 1000.0}) == []
+    assert (
+        unoffered_preprocess_resources(load_run_config(CONFIGS / "tiny_stage1.yaml").data, {"CPU": 2.0}) == []
+    )
+
+
 def test_paper_stage_recipes_follow_table_10():
     stage1, stage2 = load_run_config(CONFIGS / "stage1.yaml"), load_run_config(CONFIGS / "stage2.yaml")
     for cfg, batch, lr, plan in ((stage1, 64, 2e-5, "stage1"), (stage2, 16, 2e-6, "stage2")):
