@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from dragonfly_platform.config import RunConfig, redact_params
+from dragonfly_platform.storage import is_s3, strip_scheme
 from dragonfly_platform.sweep_config import (
     DRIVER_CPUS,
     IMAGE_TOKENS,
@@ -33,6 +34,7 @@ from dragonfly_platform.sweep_config import (
     validate_sweep,
 )
 from dragonfly_platform.sweep_results import number_or_nan, write_results
+from dragonfly_platform.train import publish_dir, run_storage
 
 EXACT_MATCH = "val_exact_match"
 # Numbers a trial's validation reports: ASHA's clock.
@@ -305,10 +307,20 @@ def run_sweep(sweep: SweepConfig, cluster_resources: dict[str, float] | None = N
         {"CPU": DRIVER_CPUS},
     )
     storage_root, name = sweep_dir.rsplit("/", 1)
-    if tune.Tuner.can_restore(sweep_dir):
+    tune_dir, storage_fs = sweep_dir, None
+    if is_s3(sweep_dir):
+        # Tune's own state through the credentials and endpoint the trials' Train runs use (its
+        # default S3 client knows only the environment's).
+        storage_fs = run_storage(configs[0]).pyarrow_filesystem(sweep_dir)
+        tune_dir, storage_root = strip_scheme(sweep_dir), strip_scheme(storage_root)
+    if tune.Tuner.can_restore(tune_dir, storage_filesystem=storage_fs):
         print(f"[sweep {sweep.name}] resuming from {sweep_dir}", flush=True)
         tuner = tune.Tuner.restore(
-            sweep_dir, trainable=trainable, resume_errored=True, param_space=build_param_space(sweep)
+            tune_dir,
+            trainable=trainable,
+            resume_errored=True,
+            param_space=build_param_space(sweep),
+            storage_filesystem=storage_fs,
         )
     else:
         print(
@@ -328,6 +340,7 @@ def run_sweep(sweep: SweepConfig, cluster_resources: dict[str, float] | None = N
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=storage_root,
+                storage_filesystem=storage_fs,
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
             ),
         )
@@ -367,8 +380,8 @@ def _validation_rounds(result) -> int:
 def publish_results(
     sweep: SweepConfig, probe: RunConfig, parent_run_id: str, rows, sweep_dir: str
 ) -> dict[str, Path]:
-    """Results table + plot into ``<sweep_dir>/results`` (or a temp folder for s3) and onto the parent
-    run; trials ASHA stopped are closed as KILLED (their actors died mid-run)."""
+    """Results table + plot into ``<sweep_dir>/results`` (local or S3; returned paths are local) and
+    onto the parent run; trials ASHA stopped are closed as KILLED (their actors died mid-run)."""
     import tempfile
 
     client = _client(probe)
@@ -379,11 +392,12 @@ def publish_results(
                 row["mlflow_run_id"], status="KILLED" if row["status"] == "stopped_early" else "FAILED"
             )
     scored = [row for row in rows if row[IMAGE_TOKENS] is not None]
-    out_dir = (
-        f"{sweep_dir}/results" if "://" not in sweep_dir else tempfile.mkdtemp(prefix="dragonfly-sweep-")
-    )
+    results_url = f"{sweep_dir}/results"
+    out_dir = tempfile.mkdtemp(prefix="dragonfly-sweep-") if is_s3(sweep_dir) else results_url
     keys = searched_keys(sweep)
     paths = write_results(scored, keys, sweep.table_metric, sweep.table_mode, out_dir)
+    if out_dir != results_url:
+        publish_dir(out_dir, results_url, run_storage(probe))
     client.log_artifacts(parent_run_id, out_dir, "results")
     values = [number_or_nan(r.get(sweep.table_metric)) for r in scored]
     finite = [v for v in values if not math.isnan(v)]

@@ -147,19 +147,39 @@ def assert_sweep_logged(client: MlflowClient, sweep, experiment: str, rows: list
     }
 
 
-def test_asha_stops_a_planted_bad_trial(ray_cluster, mlflow_server, demo_data, tmp_path):
+def test_asha_stops_a_planted_bad_trial_of_a_sweep_on_s3(
+    ray_cluster, mlflow_server, s3_server, demo_data, tmp_path
+):
+    """On S3 as on a cluster, with the endpoint and keys in the sweep's config only (this driver's
+    environment has none): Tune's state, the trials' Train runs and the results go through them."""
+    import s3fs
+
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"} & set(os.environ)
+    options = s3_server.storage_options()
+    storage = {
+        "data.storage.endpoint_url": s3_server.endpoint_url,
+        "data.storage.access_key": options["key"],
+        "data.storage.secret_key": options["secret"],
+    }
+    prefix = f"test-bucket/sweeps-{tmp_path.name}"
     # The good trial runs first (one trial at a time), so the bad one meets its record at rung 1.
     # A learning rate of 1e-9 leaves the validation loss where it started.
     path = write_sweep(
         tmp_path,
         demo_data,
         mlflow_server.tracking_uri,
-        overrides={"train.max_steps": 6},
+        overrides={"train.max_steps": 6, **storage},
         search={"train.lr": {"grid": [2.0e-3, 1.0e-9]}},
         scheduler={"type": "asha", "grace_period": 1, "max_t": 3, "reduction_factor": 2},
         max_concurrent_trials=1,
+        storage_path=f"s3://{prefix}",
     )
     rows, _ = run_sweep(load_sweep_config(path))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    stored = [p.removeprefix(f"{prefix}/sweeps/tiny/") for p in fs.find(f"{prefix}/sweeps/tiny")]
+    assert any(p.startswith("experiment_state-") for p in stored), stored[:20]  # Tune's state
+    assert {"results/results.csv", "results/results.json", "results/pareto.png"} <= set(stored)
+    assert any(p.startswith("trials/") and "/checkpoint_step_" in p for p in stored)
     by_lr = {r["train.lr"]: r for r in rows}
     good, bad = by_lr[2.0e-3], by_lr[1.0e-9]
     assert good["status"] == "complete" and good["reports"] == 3
