@@ -3,8 +3,9 @@
     python jobs/sweep.py --config jobs/configs/sweep_pooling_tiny.yaml --num-cpus 4
     ray job submit --runtime-env infra/runtime_env.yaml -- python jobs/sweep.py --config jobs/configs/sweep_pooling.yaml
 
-Every trial's run config is validated before anything starts. Rerunning the same command continues
-an interrupted sweep from its saved state (finished trials are not run again). Results: the MLflow
+Every trial's run config is validated before anything starts. Ctrl-C stops the sweep with its state
+saved (exit code 130, nothing published); rerunning the same command continues an interrupted or
+killed sweep from its saved state (finished trials are not run again). Results: the MLflow
 parent run's ``results/`` artifacts and ``<storage>/sweeps/<name>/results/``.
 """
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{sweep.name}: {len(configs)} trial configs valid")
         return 0
 
-    from dragonfly_platform.tune import run_sweep
+    from dragonfly_platform.tune import SweepInterrupted, run_sweep
 
     connect_ray(args.num_cpus)
     try:
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except SweepInterrupted as err:
+        print(str(err), file=sys.stderr)
+        return 130  # the shell's code for an interrupt
     for row in rows:
         print({k: v for k, v in row.items() if v is not None})
     print(f"results: {paths['csv']}\nplot:    {paths['png']}")

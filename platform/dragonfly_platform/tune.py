@@ -345,9 +345,22 @@ def run_sweep(sweep: SweepConfig, cluster_resources: dict[str, float] | None = N
             ),
         )
     grid = tuner.fit()
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    if unfinished:
+        # Tune returns like this after Ctrl-C, its state saved: publishing now would record the
+        # unfinished trials as stopped early and the sweep as finished.
+        _client(probe).set_tag(parent_run_id, "sweep.status", "interrupted")
+        raise SweepInterrupted(
+            f"sweep {sweep.name} interrupted with {unfinished} unfinished trial(s); its state is saved "
+            f"in {sweep_dir}: rerun the same command to continue it"
+        )
     rows = result_rows(grid, sweep)
     paths = publish_results(sweep, probe, parent_run_id, rows, sweep_dir)
     return rows, paths
+
+
+class SweepInterrupted(RuntimeError):
+    """Tune stopped before every trial ended (Ctrl-C); nothing was published."""
 
 
 def result_rows(grid, sweep: SweepConfig) -> list[dict[str, Any]]:
@@ -405,6 +418,7 @@ def publish_results(
     if finite:
         summary[f"best_{sweep.table_metric}"] = max(finite) if sweep.table_mode == "max" else min(finite)
     client.log_batch(parent_run_id, metrics=_metric_entities(summary, 0))
+    client.set_tag(parent_run_id, "sweep.status", "finished")
     client.set_terminated(parent_run_id, status="FINISHED")
     return paths
 
@@ -414,6 +428,7 @@ __all__ = [
     "exact_match_on_val",
     "run_trial",
     "run_sweep",
+    "SweepInterrupted",
     "result_rows",
     "publish_results",
     "sweep_params",

@@ -1,6 +1,7 @@
 """Ray Tune sweeps end to end on the session's Ray cluster and MLflow server, on the demo data: a tiny
-sweep whose driver is killed after its first trial continues when rerun and ends with one MLflow
-parent, one child per trial, the results table and the plot; ASHA stops a planted bad trial."""
+sweep interrupted (Ctrl-C) after its first trial publishes nothing, continues when rerun and ends
+with one MLflow parent, one child per trial, the results table and the plot; ASHA stops a planted
+bad trial of a sweep on S3."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def assert_sweep_logged(client: MlflowClient, sweep, experiment: str, rows: list
     parents, children = sweep_runs(client, experiment)
     assert len(parents) == 1 and len(children) == 2
     parent = parents[0]
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep.status"] == "finished"
     assert parent.data.tags[SWEEP_DIR_TAG] == str(results.parent)
     assert parent.data.params["sweep.algorithm"] == "grid"
 
@@ -202,7 +203,7 @@ def _first_trial_terminated(sweep_dir: Path) -> bool:
     return False
 
 
-def test_a_killed_sweep_resumes_and_logs_one_parent_children_table_and_plot(
+def test_an_interrupted_sweep_publishes_nothing_then_resumes_and_logs_one_parent_children_table_and_plot(
     ray_cluster, mlflow_server, demo_data, tmp_path
 ):
     path = write_sweep(
@@ -235,13 +236,21 @@ def test_a_killed_sweep_resumes_and_logs_one_parent_children_table_and_plot(
             assert time.monotonic() < deadline, "no trial finished within 20 minutes"
             time.sleep(0.5)
         time.sleep(1.0)
+        driver.send_signal(signal.SIGINT)  # Ctrl-C: Tune stops the trials and saves its state
+        assert driver.wait(timeout=300) == 130
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
     client = MlflowClient(mlflow_server.tracking_uri)
-    _, children = sweep_runs(client, f"sweep-{tmp_path.name}")
+    parents, children = sweep_runs(client, f"sweep-{tmp_path.name}")
     finished_first = [c.info.run_id for c in children if c.info.status == "FINISHED"]
     assert len(finished_first) == 1
+    # Nothing is published for an interrupted sweep: no trial marked stopped early, no results.
+    (parent,) = parents
+    assert parent.data.tags["sweep.status"] == "interrupted" and parent.info.status != "FINISHED"
+    assert not client.list_artifacts(parent.info.run_id, "results")
+    assert not any("sweep.status" in c.data.tags for c in children)
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
