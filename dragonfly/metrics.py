@@ -148,6 +148,11 @@ def vqa_normalize_answer(text: str) -> str:
 
 def _vqa_sample_accuracy(prediction: str, answers: list[str], normalize_references: bool) -> float:
     predicted = vqa_normalize_answer(prediction)
+    if len(answers) == 1:
+        # One reference (a LLaVA manifest's answer): a unanimous annotation, normalised like the
+        # prediction since nobody normalised it at collection time. Leave-one-out over a single
+        # answer would leave no annotator and score every prediction 0.
+        return float(predicted == vqa_normalize_answer(answers[0]))
     if normalize_references:
         answers = [vqa_normalize_answer(answer) for answer in answers]
     elif len(set(answers)) > 1:
@@ -190,9 +195,17 @@ _SQUAD_PUNCTUATION = frozenset(string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD's ``normalize_answer``: lowercase, delete punctuation, drop articles, squash spaces."""
-    text = "".join(char for char in text.lower() if char not in _SQUAD_PUNCTUATION)
-    return " ".join(_SQUAD_ARTICLES.sub(" ", text).split())
+    """SQuAD's ``normalize_answer``: lowercase, delete punctuation, drop articles, squash spaces.
+
+    One departure: an answer made of articles only keeps them. SQuAD would turn the option letter
+    "A" into "", which every empty or article-only prediction then matches (and a closed-ended
+    reference "A" would be empty)."""
+    text = _lower_without_punctuation(text)
+    return " ".join(_SQUAD_ARTICLES.sub(" ", text).split()) or " ".join(text.split())
+
+
+def _lower_without_punctuation(text: str) -> str:
+    return "".join(char for char in text.lower() if char not in _SQUAD_PUNCTUATION)
 
 
 def _token_f1_single(prediction: str, reference: str) -> float:
@@ -217,6 +230,9 @@ def _closed_single(prediction: str, reference: str) -> float:
     gold = normalize_answer(reference).split()
     if not gold:
         raise ValueError(f"closed-ended reference {reference!r} is empty after normalisation")
+    if _SQUAD_ARTICLES.fullmatch(" ".join(gold)):
+        # An option letter ("A"): the prediction's first word counts as given ("A) the lung").
+        return float(_lower_without_punctuation(prediction).split()[: len(gold)] == gold)
     return float(normalize_answer(prediction).split()[: len(gold)] == gold)
 
 

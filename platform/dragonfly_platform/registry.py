@@ -270,6 +270,10 @@ def ensure_pyfunc_model(client: MlflowClient, run_id: str):
 # The gate
 
 
+# What an evaluation reports besides its scores: counts, for which higher is not better.
+EVALUATION_COUNTS = frozenset({"n_samples", "n_errors"})
+
+
 class GateConfig(BaseModel):
     """When a challenger may replace the champion. Every metric is "higher is better" (all of
     ``dragonfly.metrics`` are); tolerances are absolute, in the metric's own units."""
@@ -288,6 +292,12 @@ class GateConfig(BaseModel):
         negative = sorted(m for m, tol in self.max_regression.items() if tol < 0)
         if negative:
             raise ValueError(f"gate.max_regression must be >= 0, negative for {negative}")
+        counts = sorted(self.metrics() & EVALUATION_COUNTS)
+        if counts:
+            raise ValueError(
+                f"gate metrics must be scores (higher is better); {counts} count samples (an evaluation "
+                "with too many errors already fails through eval.max_error_fraction)"
+            )
         return self
 
     def metrics(self) -> set[str]:
@@ -329,6 +339,9 @@ def gate(challenger: dict[str, float], champion: dict[str, float] | None, cfg: G
     else:
         for metric, tolerance in sorted(cfg.max_regression.items()):
             new, old = challenger[metric], champion[metric]
+            if math.isnan(old):  # nothing to regress from; a NaN would refuse every challenger
+                passed.append(f"{metric}: the champion has no score (nan): no regression check")
+                continue
             ok = new >= old - tolerance
             (passed if ok else failed).append(
                 f"{metric} {old:.4f} -> {new:.4f} "

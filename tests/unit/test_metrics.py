@@ -93,7 +93,7 @@ def test_token_f1_is_squad_bag_of_tokens_f1():
 
 def test_token_f1_takes_the_best_reference_and_scores_empty_answers_like_squad_v2():
     assert token_f1(["left lung"], [["right kidney", "left lung", "lung"]]) == 1.0
-    assert token_f1(["the"], ["a"]) == 1.0  # both normalise to empty
+    assert token_f1(["the"], ["a"]) == 0.0  # article-only answers keep their articles (option letters)
     assert token_f1([""], ["lung"]) == 0.0
 
 
@@ -111,6 +111,20 @@ def test_closed_accuracy_matches_the_leading_words_of_the_normalised_prediction(
     predictions = ["Yes, there is a fracture.", "No.", "Not sure", "yes", "CT scan of the head"]
     references = ["yes", "No", "no", "no", "CT"]
     assert closed_accuracy(predictions, references, per_sample=True) == [1.0, 1.0, 0.0, 0.0, 1.0]
+
+
+def test_option_letters_survive_normalisation():
+    """SQuAD drops the article "a", so the option "A" became "" and every empty or article-only
+    prediction matched it (and a closed-ended "A" reference raised)."""
+    predictions = ["", "The", ".", "B", "A.", "(A)", "a cat"]
+    assert exact_match(predictions, ["A"] * 6 + ["cat"], per_sample=True) == [0, 0, 0, 0, 1, 1, 1]
+    assert token_f1([""], ["A"]) == 0.0
+    assert closed_accuracy(["A", "A) the lung", "B"], ["A", "a", "A"], per_sample=True) == [1.0, 1.0, 0.0]
+
+
+def test_vqa_accuracy_with_one_reference_is_a_normalised_match():
+    """A LLaVA manifest carries one answer: with leave-one-out over it every prediction scored 0."""
+    assert vqa_accuracy(["Nike", "two", "no"], [["Nike"], ["2"], ["Yes"]], per_sample=True) == [1.0, 1.0, 0.0]
 
 
 def test_closed_accuracy_rejects_a_reference_that_normalises_to_nothing():

@@ -55,6 +55,12 @@ def test_nan_score_fails_both_checks():
     assert [r.split()[0] for r in decision.reasons[:2]] == ["exact_match", "exact_match"]
 
 
+def test_a_champion_without_a_score_does_not_block_every_challenger():
+    decision = gate({"exact_match": 0.6, "token_f1": 0.2}, {"exact_match": 0.6, "token_f1": math.nan}, GATE)
+    assert decision.passed, decision.summary
+    assert "token_f1: the champion has no score (nan): no regression check" in decision.reasons
+
+
 def test_metric_missing_from_the_evaluation_is_an_error():
     with pytest.raises(PromotionError, match=r"\['token_f1'\].*champion's evaluation"):
         gate({"exact_match": 0.9, "token_f1": 0.9}, {"exact_match": 0.6}, GATE)
@@ -67,6 +73,9 @@ def test_gate_config_rejects_empty_and_negative_tolerances():
         GateConfig()
     with pytest.raises(ValidationError, match=r"negative for \['bleu_4'\]"):
         GateConfig(max_regression={"bleu_4": -0.1})
+    # Counts are not scores: "n_errors >= 5" would pass the worst challenger.
+    with pytest.raises(ValidationError, match=r"\['n_errors'\] count samples"):
+        GateConfig(thresholds={"n_errors": 5})
 
 
 def test_image_cells_decode_bytes_base64_and_missing():
