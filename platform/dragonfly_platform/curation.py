@@ -1,20 +1,21 @@
 """The paper's data curation recipe (appendix B) as a Ray Data job.
 
 1. Read every source's LLaVA manifest (JSON / JSONL / Parquet, local or ``s3://``).
-2. Hash each image's bytes (sha256; concurrent reads in Ray tasks). Unreadable images are dropped,
-   counted and listed in ``<output>/_bad_records.jsonl``.
+2. Hash each image's bytes (sha256; concurrent reads in Ray tasks). Unreadable images, and records
+   whose ``conversations`` is not a list of turns, are dropped, counted ("unreadable") and listed in
+   ``<output>/_bad_records.jsonl`` (reasons ``missing_file``, ``bad_conversations``).
 3. Deduplicate image-instruction pairs: key = image hash + normalised instruction (the user turns,
    lowercased, ``<image>`` removed, whitespace collapsed). The copy kept is the one from the source
    listed first, then the earliest manifest line, so duplicates across sources (SVIT and ShareGPT4V
    share images) are dropped from the later source.
 4. Cap instructions per image per source (``max_per_image``; the paper keeps 8 for SVIT), chosen at
    random with the job's seed.
-5. Weight sources: a source keeps ``round(weight * n)`` of its ``n`` records (weight < 1 subsamples,
+5. Weight sources: a source keeps ``weight * n`` (rounded half up) of its ``n`` records (weight < 1 subsamples,
    > 1 repeats records; repeats get ``#rep<k>`` id suffixes).
 6. Mix in text-only sources (deduplicated the same way) so that they make up ``text_only_ratio`` of
    the output.
 7. Write Parquet shards (``id``, ``image`` as a full path/URL, ``conversations`` as a list of
-   ``{from, value}`` structs, ``source``) to a local folder or ``s3://`` prefix, readable by
+   ``{from, value}`` structs (chat-format turns keep their role as ``from``), ``source``) to a local folder or ``s3://`` prefix, readable by
    ``dragonfly_platform.manifest.read_manifest`` (with no ``image_root``), plus
    ``_curation_report.json`` with the per-source counts. Files starting with ``_`` are ignored by
    Parquet readers.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -34,7 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dragonfly_platform.manifest import read_manifest
 from dragonfly_platform.storage import StorageConfig, join, parent, strip_scheme
@@ -76,6 +78,14 @@ class CurationConfig(BaseModel):
     seed: int = 0
     rows_per_shard: int = 50_000
     hash_threads: int = 16
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [s.name for s in self.sources] + [s.name for s in self.text_only]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:  # each source is weighted and counted by its name
+            raise ValueError(f"source names must be unique; repeated: {repeated}")
+        return self
 
 
 def normalize_instruction(conversations: Any) -> str:
@@ -130,9 +140,11 @@ def to_output(batch: pd.DataFrame) -> pa.Table:
         )
     ]
     for row in rows:
-        # Keep only the two LLaVA fields per turn so every shard has one schema.
+        # The two LLaVA fields per turn, so every shard has one schema; chat-format turns
+        # ({"role", "content"}) keep their role as the speaker, which the processor accepts.
         row["conversations"] = [
-            {"from": t.get("from"), "value": t.get("value")} for t in row["conversations"]
+            {"from": t.get("from", t.get("role")), "value": t.get("value", t.get("content"))}
+            for t in row["conversations"]
         ]
     return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
@@ -141,22 +153,40 @@ def to_output(batch: pd.DataFrame) -> pa.Table:
 # The job
 
 
-def _records(config: CurationConfig) -> tuple[list[dict], list[dict]]:
-    image_rows, text_rows = [], []
+def _records(config: CurationConfig) -> tuple[list[dict], list[dict], list[dict]]:
+    """(image rows, text-only rows, malformed rows): a record whose ``conversations`` is not a list of
+    turns is kept out of the output (where it would fail the shard write) and listed as bad."""
+    image_rows, text_rows, malformed = [], [], []
     for rank, source in enumerate(config.sources):
         root = source.image_root if source.image_root is not None else parent(source.manifest)
         for record in read_manifest(source.manifest, config.storage):
             row = _row(record, source.name, rank)
             if record.has_image:
-                image_rows.append({**row, "image": join(root, record.image)})
+                row["image"] = join(root, record.image)
+            if not _is_turn_list(record.conversations):
+                malformed.append({**row, "unreadable": _malformed(record.conversations)})
+            elif record.has_image:
+                image_rows.append(row)
             else:
                 text_rows.append(row)  # text-only records inside image sources join the text pool
     for rank, source in enumerate(config.text_only, start=len(config.sources)):
         for record in read_manifest(source.manifest, config.storage):
             if record.has_image:
                 raise ValueError(f"text-only source {source.name}: record {record.id} has an image")
-            text_rows.append(_row(record, source.name, rank))
-    return image_rows, text_rows
+            row = _row(record, source.name, rank)
+            if _is_turn_list(record.conversations):
+                text_rows.append(row)
+            else:
+                malformed.append({**row, "unreadable": _malformed(record.conversations)})
+    return image_rows, text_rows, malformed
+
+
+def _is_turn_list(conversations: Any) -> bool:
+    return isinstance(conversations, list) and all(isinstance(turn, dict) for turn in conversations)
+
+
+def _malformed(conversations: Any) -> str:
+    return f"bad_conversations: expected a list of turns, got {json.dumps(conversations)[:80]}"
 
 
 ROW_COLUMNS = ["id", "image", "conversations_json", "source", "source_rank", "line", "instruction"]
@@ -210,6 +240,11 @@ def _resample(df: pd.DataFrame, target: int, seed: int, purpose: str) -> pd.Data
     return pd.concat(parts[1:] if full == 0 else parts, ignore_index=True)
 
 
+def _round_half_up(x: float) -> int:
+    # Python's round() goes to even on halves: weight 0.5 on one record would keep none.
+    return math.floor(x + 0.5)
+
+
 def run_curation(config: CurationConfig) -> dict[str, Any]:
     """Run the recipe; returns ``{"counts": {source: {stage: n}}, "output": path, "n_output": n}``.
 
@@ -220,7 +255,7 @@ def run_curation(config: CurationConfig) -> dict[str, Any]:
     """
     import ray.data
 
-    image_rows, text_rows = _records(config)
+    image_rows, text_rows, malformed = _records(config)
     names = [s.name for s in config.sources] + [s.name for s in config.text_only]
     stages: dict[str, pd.Series] = {}
 
@@ -233,7 +268,10 @@ def run_curation(config: CurationConfig) -> dict[str, Any]:
             batch_size=64,
         )
         images = hashed.to_pandas()
-    bad = images[images["unreadable"].notna()]
+    bad = pd.concat(
+        [images[images["unreadable"].notna()], pd.DataFrame(malformed, columns=images.columns)],
+        ignore_index=True,
+    )
     images = images[images["unreadable"].isna()].drop(columns="unreadable")
     text = pd.DataFrame(text_rows, columns=ROW_COLUMNS).assign(image_sha256="")
 
@@ -247,13 +285,13 @@ def run_curation(config: CurationConfig) -> dict[str, Any]:
     stages["after_cap"] = pd.concat([images["source"], text["source"]]).value_counts()
 
     weighted = [
-        _resample(part, round(source.weight * len(part)), config.seed, f"weight:{source.name}")
+        _resample(part, _round_half_up(source.weight * len(part)), config.seed, f"weight:{source.name}")
         for source in config.sources
         for part in [images[images["source"] == source.name]]
     ]
     images = pd.concat(weighted, ignore_index=True) if weighted else images.iloc[:0]
     # text / (images + text) = ratio  ->  text = ratio / (1 - ratio) * images
-    n_text = round(config.text_only_ratio / (1 - config.text_only_ratio) * len(images))
+    n_text = _round_half_up(config.text_only_ratio / (1 - config.text_only_ratio) * len(images))
     text = _resample(text, n_text, config.seed, "text_only")
     output = pd.concat([images, text], ignore_index=True)
     if output.empty:
@@ -296,9 +334,9 @@ def _write_bad_records(config: CurationConfig, bad: list[dict]) -> None:
             {
                 "id": b["id"],
                 "source": b["image"],
-                "reason": "missing_file",
+                "reason": b["unreadable"].partition(": ")[0],
                 "dataset": b["source"],
-                "message": b["unreadable"],
+                "message": b["unreadable"].partition(": ")[2],
             }
         )
         + "\n"

@@ -67,6 +67,17 @@ def planted(tmp_path_factory) -> dict[str, str]:
         {"id": "svit-colour-dup", "image": "img1.png", "conversations": _ask("WHAT colour\tdominates?")},
         {"id": "svit-describe", "image": "img1.png", "conversations": _ask("Describe it.")},
         {"id": "svit-missing", "image": "nope.png", "conversations": _ask("Where is it?")},
+        # Not a list of turns: listed as bad, not a crash of the shard write.
+        {"id": "svit-malformed", "image": "img2.png", "conversations": None},
+        # The chat format: its turns keep their text, the role becomes the speaker.
+        {
+            "id": "svit-chat",
+            "image": "img2.png",
+            "conversations": [
+                {"role": "user", "content": "<image>\nName the object."},
+                {"role": "assistant", "content": "A cube."},
+            ],
+        },
     ]
     share = [
         {
@@ -113,11 +124,23 @@ def _config(planted, output: str, storage: StorageConfig | None = None, seed: in
 
 EXPECTED_COUNTS = {
     # read, unreadable, after_dedup, after_cap, output
-    "svit": {"read": 17, "unreadable": 1, "after_dedup": 14, "after_cap": 10, "output": 10},
+    "svit": {"read": 19, "unreadable": 2, "after_dedup": 15, "after_cap": 11, "output": 11},
     "share": {"read": 5, "unreadable": 0, "after_dedup": 3, "after_cap": 3, "output": 6},  # weight 2
-    # 20% of the output: 16 image records -> 4 text-only ones.
+    # 20% of the output: 17 image records -> 4.25 text-only ones, 4.
     "text": {"read": 10, "unreadable": 0, "after_dedup": 8, "after_cap": 8, "output": 4},
 }
+
+
+def test_source_names_must_be_unique():
+    """Weights and counts go by name: a repeated name doubled its records under duplicate ids."""
+    with pytest.raises(ValueError, match=r"repeated: \['svit'\]"):
+        CurationConfig(
+            sources=[
+                CurationSource(name="svit", manifest="a.jsonl"),
+                CurationSource(name="svit", manifest="b.jsonl"),
+            ],
+            output="out",
+        )
 
 
 def test_instruction_normalisation():
@@ -146,12 +169,12 @@ def test_the_cap_choice_depends_on_the_seed_only():
 def test_dedup_caps_weights_and_mix_on_planted_duplicates(ray_cluster, s3_server, planted, tmp_path):
     report = run_curation(_config(planted, str(tmp_path / "out")))
     assert report["counts"] == EXPECTED_COUNTS, format_counts(report)
-    assert report["n_output"] == 20
+    assert report["n_output"] == 21
     assert "svit" in format_counts(report) and "total" in format_counts(report)
 
     records = read_manifest(str(tmp_path / "out"))
     ids = [r.id for r in records]
-    assert len(ids) == len(set(ids)) == 20
+    assert len(ids) == len(set(ids)) == 21
     # Dedup: the later duplicates are gone, the first-listed copy stays.
     assert "svit-3" in ids and "svit-dup-copy" not in ids
     assert "svit-colour" in ids and "svit-colour-dup" not in ids and "share-colour" not in ids
@@ -165,8 +188,16 @@ def test_dedup_caps_weights_and_mix_on_planted_duplicates(ray_cluster, s3_server
     # Full image paths, LLaVA conversations.
     assert all(r.image is None or r.image.startswith(planted["root"]) for r in records)
     assert records[0].conversations[0]["from"] == "human"
+    (chat,) = [r for r in records if r.id == "svit-chat"]
+    assert chat.conversations == [
+        {"from": "user", "value": "<image>\nName the object."},
+        {"from": "assistant", "value": "A cube."},
+    ]
     bad = [json.loads(line) for line in (tmp_path / "out" / "_bad_records.jsonl").read_text().splitlines()]
-    assert [(b["id"], b["reason"]) for b in bad] == [("svit-missing", "missing_file")]
+    assert sorted((b["id"], b["reason"]) for b in bad) == [
+        ("svit-malformed", "bad_conversations"),
+        ("svit-missing", "missing_file"),
+    ]
 
     # The same recipe written to S3 gives the same records.
     storage = StorageConfig(
