@@ -345,10 +345,12 @@ def run_sweep(sweep: SweepConfig, cluster_resources: dict[str, float] | None = N
             ),
         )
     grid = tuner.fit()
-    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    # After Ctrl-C Tune returns normally, with the trials it stopped shown as terminated; the state
+    # it saved for a restore tells them apart (pending). Publishing now would record them as
+    # stopped early and the sweep as finished.
+    saved = tune.ExperimentAnalysis(tune_dir, storage_filesystem=storage_fs)
+    unfinished = sum(t.status not in (t.TERMINATED, t.ERROR) for t in saved.trials)
     if unfinished:
-        # Tune returns like this after Ctrl-C, its state saved: publishing now would record the
-        # unfinished trials as stopped early and the sweep as finished.
         _client(probe).set_tag(parent_run_id, "sweep.status", "interrupted")
         raise SweepInterrupted(
             f"sweep {sweep.name} interrupted with {unfinished} unfinished trial(s); its state is saved "
