@@ -163,8 +163,8 @@ def _records(config: CurationConfig) -> tuple[list[dict], list[dict], list[dict]
             row = _row(record, source.name, rank)
             if record.has_image:
                 row["image"] = join(root, record.image)
-            if not _is_turn_list(record.conversations):
-                malformed.append({**row, "unreadable": _malformed(record.conversations)})
+            if problem := _bad_conversations(record.conversations):
+                malformed.append({**row, "unreadable": problem})
             elif record.has_image:
                 image_rows.append(row)
             else:
@@ -174,18 +174,17 @@ def _records(config: CurationConfig) -> tuple[list[dict], list[dict], list[dict]
             if record.has_image:
                 raise ValueError(f"text-only source {source.name}: record {record.id} has an image")
             row = _row(record, source.name, rank)
-            if _is_turn_list(record.conversations):
-                text_rows.append(row)
+            if problem := _bad_conversations(record.conversations):
+                malformed.append({**row, "unreadable": problem})
             else:
-                malformed.append({**row, "unreadable": _malformed(record.conversations)})
+                text_rows.append(row)
     return image_rows, text_rows, malformed
 
 
-def _is_turn_list(conversations: Any) -> bool:
-    return isinstance(conversations, list) and all(isinstance(turn, dict) for turn in conversations)
-
-
-def _malformed(conversations: Any) -> str:
+def _bad_conversations(conversations: Any) -> str | None:
+    """``"bad_conversations: ..."`` unless ``conversations`` is a list of turns (dicts)."""
+    if isinstance(conversations, list) and all(isinstance(turn, dict) for turn in conversations):
+        return None
     return f"bad_conversations: expected a list of turns, got {json.dumps(conversations)[:80]}"
 
 

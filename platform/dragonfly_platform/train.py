@@ -205,7 +205,7 @@ def build_trainer(cfg: RunConfig, callbacks: list | tuple = (), prepared: Prepar
     from ray.train.torch import TorchConfig, TorchTrainer
 
     prepared = prepared or prepare_run(cfg)
-    storage_path, storage_fs = _ray_storage(cfg)
+    storage_path, storage_fs = ray_storage(cfg.run.storage_path, run_storage(cfg))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=prepared.to_dict(),
@@ -227,12 +227,13 @@ def build_trainer(cfg: RunConfig, callbacks: list | tuple = (), prepared: Prepar
     )
 
 
-def _ray_storage(cfg: RunConfig):
-    """(storage_path, storage_filesystem) for Ray: s3 paths go without their scheme next to an
-    explicit pyarrow file system (Ray rejects the two together)."""
-    if cfg.run.on_s3:
-        return strip_scheme(cfg.run.storage_path), run_storage(cfg).pyarrow_filesystem(cfg.run.storage_path)
-    return str(Path(cfg.run.storage_path).resolve()), None
+def ray_storage(url: str, storage: StorageConfig):
+    """(storage_path, storage_filesystem) for Ray Train and Tune: s3 paths go without their scheme
+    next to an explicit pyarrow file system built from ``storage`` (Ray rejects the two together,
+    and its own S3 client knows only the environment's credentials and endpoint)."""
+    if is_s3(url):
+        return strip_scheme(url), storage.pyarrow_filesystem(url)
+    return str(Path(url).resolve()), None
 
 
 def run_training(cfg: RunConfig, callbacks: list | tuple = ()):
@@ -748,5 +749,6 @@ __all__ = [
     "TrainState",
     "publish_dir",
     "fetched_dir",
+    "ray_storage",
     "fit",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from dragonfly_platform.config import RunConfig, redact_params
-from dragonfly_platform.storage import is_s3, strip_scheme
+from dragonfly_platform.storage import is_s3
 from dragonfly_platform.sweep_config import (
     DRIVER_CPUS,
     IMAGE_TOKENS,
@@ -34,7 +34,7 @@ from dragonfly_platform.sweep_config import (
     validate_sweep,
 )
 from dragonfly_platform.sweep_results import number_or_nan, write_results
-from dragonfly_platform.train import publish_dir, run_storage
+from dragonfly_platform.train import publish_dir, ray_storage, run_storage
 
 EXACT_MATCH = "val_exact_match"
 # Numbers a trial's validation reports: ASHA's clock.
@@ -307,12 +307,9 @@ def run_sweep(sweep: SweepConfig, cluster_resources: dict[str, float] | None = N
         {"CPU": DRIVER_CPUS},
     )
     storage_root, name = sweep_dir.rsplit("/", 1)
-    tune_dir, storage_fs = sweep_dir, None
-    if is_s3(sweep_dir):
-        # Tune's own state through the credentials and endpoint the trials' Train runs use (its
-        # default S3 client knows only the environment's).
-        storage_fs = run_storage(configs[0]).pyarrow_filesystem(sweep_dir)
-        tune_dir, storage_root = strip_scheme(sweep_dir), strip_scheme(storage_root)
+    # Tune's own state through the storage settings the trials' Train runs use.
+    storage_root, storage_fs = ray_storage(storage_root, run_storage(configs[0]))
+    tune_dir = f"{storage_root}/{name}"
     if tune.Tuner.can_restore(tune_dir, storage_filesystem=storage_fs):
         print(f"[sweep {sweep.name}] resuming from {sweep_dir}", flush=True)
         tuner = tune.Tuner.restore(
