@@ -10,10 +10,12 @@ The released Hugging Face checkpoints (``togethercomputer/Llama-3.1-8B-Dragonfly
 The CLIP weights are renamed into open_clip's ``VisionTransformer`` layout (q/k/v projections
 concatenated into ``in_proj_weight``). The ViT's last block and final norm are dropped: the released
 model reads ``hidden_states[-2]`` and never uses them, and our tower is pruned the same way.
-The released model has no separator between crops (2057 image positions: one CLS per crop, see
-docs/budget.md), so the config derived from a released ``config.json`` has ``tokens.separator =
-false`` and the converted model reproduces it. A ``--config`` that asks for separators gets a freshly
-initialised ``projector.separator``, listed as newly initialised: train it (stage 1 does).
+The released image block has 2098 positions: every crop's CLS and pooled tokens, then one
+"image newline" position holding the LLM's word embedding of ``<|reserved_special_token_1|>``
+(``IMAGE_NEWLINE_TOKEN`` in the released ``processing_dragonfly.py``; id 128003 in Llama-3's
+vocabulary). That is our layout with ``tokens.separator = true``, the separator being that one
+embedding row, so the converter copies the row into ``projector.separator`` and the converted model
+sees exactly the block it was trained on.
 
 CLI: ``python -m dragonfly.convert SRC_DIR DST_DIR [--config dragonfly_config.json]``; SRC_DIR holds
 the released ``*.safetensors`` shards and ``config.json``; DST_DIR gets ``save_pretrained`` output.
@@ -61,6 +63,8 @@ _TOP_RENAMES = {
     "post_layernorm.weight": "ln_post.weight",
     "post_layernorm.bias": "ln_post.bias",
 }
+# <|reserved_special_token_1|> in Llama-3's tokenizer: the released processor's image newline.
+RELEASED_IMAGE_NEWLINE_ID = 128003
 # Buffers some checkpoints carry that are recomputed at build time.
 _IGNORED = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$")
 _LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
@@ -136,8 +140,13 @@ def load_clip_vision_weights(tower: VisionTower, hf_state: Mapping[str, torch.Te
     return dropped
 
 
-def load_released_state_dict(model: DragonflyModel, state: Mapping[str, torch.Tensor]) -> ConversionReport:
-    """Copy a released-layout state dict into ``model`` (built with ``load_weights=False``)."""
+def load_released_state_dict(
+    model: DragonflyModel,
+    state: Mapping[str, torch.Tensor],
+    image_newline_id: int = RELEASED_IMAGE_NEWLINE_ID,
+) -> ConversionReport:
+    """Copy a released-layout state dict into ``model`` (built with ``load_weights=False``); the
+    separator, when the model has one, is the LLM's embedding of ``image_newline_id``."""
     if model.config.projector != "linear":
         raise ConfigError("the released checkpoints have a linear projector; set projector: linear")
     groups: dict[str, dict[str, torch.Tensor]] = {name: {} for name in RELEASED_PREFIXES.values()}
@@ -169,6 +178,15 @@ def load_released_state_dict(model: DragonflyModel, state: Mapping[str, torch.Te
         )
 
     loaded = {f"projector.proj.{k}" for k in projector}
+    if model.projector.separator is not None:
+        embeddings = model.llm.get_input_embeddings().weight
+        if not 0 <= image_newline_id < embeddings.shape[0]:
+            raise ConfigError(
+                f"image newline id {image_newline_id} is outside the LLM's vocabulary of {embeddings.shape[0]}"
+            )
+        with torch.no_grad():
+            model.projector.separator.copy_(embeddings[image_newline_id])
+        loaded.add("projector.separator")
     report.initialised = [
         n for n, _ in model.projector.named_parameters(prefix="projector") if n not in loaded
     ]
@@ -192,7 +210,7 @@ def load_safetensors_dir(directory: str | Path) -> dict[str, torch.Tensor]:
 def released_config(hf_config: Mapping, image_token_id: int) -> DragonflyConfig:
     """Our config for a released checkpoint, from its ``config.json`` (which nests the Llama
     config as ``text_config``): ViT-L/14-336 with QuickGELU, a linear projector, paper tokens with
-    one CLS per crop and no separator, as released."""
+    one CLS and one separator (the image newline) per crop, as released: 2098 positions."""
     text_config = dict(hf_config.get("text_config") or {})
     if not text_config:
         raise ConfigError("released config.json has no text_config")
@@ -200,7 +218,7 @@ def released_config(hf_config: Mapping, image_token_id: int) -> DragonflyConfig:
     return DragonflyConfig(
         image_token_id=image_token_id,
         zoom=ZoomConfig(),
-        tokens=TokenConfig(separator=False),  # the released layout: 2057 positions, no separator
+        tokens=TokenConfig(keep_cls=True, separator=True),  # the released layout: 2098 positions
         vision=VisionConfig(model_name="ViT-L-14-336", pretrained=None, quick_gelu=True),
         projector="linear",
         llm_name_or_path=None,
@@ -209,12 +227,14 @@ def released_config(hf_config: Mapping, image_token_id: int) -> DragonflyConfig:
 
 
 def convert_released_checkpoint(
-    source: Mapping[str, torch.Tensor] | str | Path, config: DragonflyConfig
+    source: Mapping[str, torch.Tensor] | str | Path,
+    config: DragonflyConfig,
+    image_newline_id: int = RELEASED_IMAGE_NEWLINE_ID,
 ) -> DragonflyModel:
     """A released checkpoint (a state dict, or a directory of safetensors shards) -> our model."""
     state = source if isinstance(source, Mapping) else load_safetensors_dir(source)
     model = DragonflyModel(config, load_weights=False)
-    report = load_released_state_dict(model, state)
+    report = load_released_state_dict(model, state, image_newline_id)
     log.info(
         "converted released checkpoint: dropped %s; newly initialised %s", report.dropped, report.initialised
     )
@@ -233,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--image-token-id", type=int, help="id of <image> in the tokenizer (without --config)"
     )
+    parser.add_argument(
+        "--image-newline-id",
+        type=int,
+        default=RELEASED_IMAGE_NEWLINE_ID,
+        help="token whose embedding the released model puts after each crop (default: Llama-3's "
+        "<|reserved_special_token_1|>, %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.config:
         config = DragonflyConfig.from_json(args.config.read_text())
@@ -241,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         config = released_config(json.loads((args.src / "config.json").read_text()), args.image_token_id)
     model = DragonflyModel(config, load_weights=False)
-    report = load_released_state_dict(model, load_safetensors_dir(args.src))
+    report = load_released_state_dict(model, load_safetensors_dir(args.src), args.image_newline_id)
     model.save_pretrained(args.dst)
     print(
         json.dumps(
@@ -257,6 +284,7 @@ if __name__ == "__main__":
 
 __all__ = [
     "ConversionReport",
+    "RELEASED_IMAGE_NEWLINE_ID",
     "clip_vision_to_open_clip",
     "load_clip_vision_weights",
     "load_released_state_dict",

@@ -60,12 +60,21 @@ ROLE_ALIASES = {
 class RecordError(ValueError):
     """A record that cannot become a training sample; the data pipeline skips and counts it by
     ``reason`` (``no_conversations``, ``bad_message``, ``unknown_role``, ``turn_order``,
-    ``empty_answer``, ``image_marker``, ``too_long``)."""
+    ``empty_answer``, ``image_marker``, ``template``, ``too_long``)."""
 
     def __init__(self, reason: str, message: str, record_id: str = "<record>"):
         super().__init__(f"record {record_id}: {message} [{reason}]")
         self.reason = reason
         self.record_id = record_id
+
+
+# What every usable chat template must render: an image exchange and a follow-up.
+_PROBE = [
+    {"from": "human", "value": "<image>\nWhat is this?"},
+    {"from": "gpt", "value": "A probe."},
+    {"from": "human", "value": "Sure?"},
+    {"from": "gpt", "value": "Yes."},
+]
 
 
 @dataclass(frozen=True)
@@ -84,8 +93,9 @@ class DragonflyProcessor:
     missing (the model's embedding table must then cover ``len(processor.tokenizer)`` ids).
     ``max_length`` bounds training sequences: later turns are dropped whole to fit; a record whose
     first exchange (with the image block) does not fit raises ``RecordError("too_long")``.
-    ``train_on_user_turns`` also supervises user turns (the released code's behaviour); image
-    positions are never supervised.
+    ``train_on_user_turns`` also supervises the text of user turns (the released code's
+    behaviour; the template's headers and preamble stay unsupervised); image positions are never
+    supervised.
     """
 
     def __init__(
@@ -119,6 +129,12 @@ class DragonflyProcessor:
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
         self.pad_token_id: int = pad
+        try:  # a template unfit for conversations fails here, where the run starts, not per record
+            self._pieces(_normalize(_PROBE, True, "<probe>", for_generation=False), False, "<probe>")
+        except RecordError as err:
+            raise ValueError(
+                f"the tokenizer's chat template cannot render a plain conversation: {err}"
+            ) from None
 
     # -- encoding ----------------------------------------------------------------------------
 
@@ -130,7 +146,7 @@ class DragonflyProcessor:
         Raises ``RecordError`` (with ``.reason``) for records that cannot be used.
         """
         messages = _normalize(conversations, has_image, record_id, for_generation=False)
-        pieces = self._pieces(messages, add_generation_prompt=False)
+        pieces = self._pieces(messages, add_generation_prompt=False, record_id=record_id)
         input_ids, labels, message_ends = self._tokenize(pieces, len(messages), has_image, record_id)
         keep = self._turns_that_fit(messages, message_ends, has_image, record_id)
         stop = message_ends[keep - 1]
@@ -142,7 +158,7 @@ class DragonflyProcessor:
         """Prompt ids for generation (int32, 1-D): the conversation so far, ending with a user turn,
         rendered with the assistant header appended. Same marker rules as ``encode``."""
         normalized = _normalize(messages, has_image, record_id, for_generation=True)
-        pieces = self._pieces(normalized, add_generation_prompt=True)
+        pieces = self._pieces(normalized, add_generation_prompt=True, record_id=record_id)
         input_ids, _, _ = self._tokenize(pieces, len(normalized), has_image, record_id)
         if len(input_ids) > self.max_length:
             raise RecordError(
@@ -166,15 +182,23 @@ class DragonflyProcessor:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+    def _render(self, messages: list[dict], add_generation_prompt: bool, record_id: str) -> str:
+        from jinja2 import TemplateError
 
-    def _pieces(self, messages: list[dict], add_generation_prompt: bool) -> list[_Piece]:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as err:  # e.g. raise_exception("System role not supported")
+            raise RecordError("template", f"the chat template refused it: {err}", record_id) from None
+
+    def _pieces(self, messages: list[dict], add_generation_prompt: bool, record_id: str) -> list[_Piece]:
         """Split the rendered conversation into per-message pieces by prefix rendering."""
         pieces: list[_Piece] = []
         rendered = ""
+
+        def render(n_messages: int, add_generation_prompt: bool) -> str:
+            return self._render(messages[:n_messages], add_generation_prompt, record_id)
 
         def extend(message: int, longer: str, supervised: bool) -> None:
             nonlocal rendered
@@ -190,11 +214,18 @@ class DragonflyProcessor:
             role = message["role"]
             if role == "assistant":
                 # The header that opens the assistant turn is prompt, not answer.
-                extend(i, self._render(messages[:i], add_generation_prompt=True), supervised=False)
+                extend(i, render(i, add_generation_prompt=True), supervised=False)
             supervised = role == "assistant" or (role == "user" and self.train_on_user_turns)
-            extend(i, self._render(messages[: i + 1], add_generation_prompt=False), supervised)
+            longer = render(i + 1, add_generation_prompt=False)
+            if role == "user" and supervised:
+                # The user's words and end of turn only: what the template writes before them (BOS,
+                # a default system block like Llama-3.1's, the header) is prompt, as for answers.
+                start = longer.rfind(message["content"].strip(), len(rendered))
+                if start > len(rendered):
+                    extend(i, longer[:start], supervised=False)
+            extend(i, longer, supervised)
         if add_generation_prompt:
-            extend(len(messages) - 1, self._render(messages, add_generation_prompt=True), supervised=False)
+            extend(len(messages) - 1, render(len(messages), add_generation_prompt=True), supervised=False)
         return pieces
 
     def _tokenize(
@@ -278,6 +309,16 @@ class DragonflyProcessor:
         )
 
 
+def turn_fields(turn: Any) -> tuple[Any, Any]:
+    """``(speaker, text)`` of a turn written LLaVA-style (``from``/``value``) or chat-style
+    (``role``/``content``); a key holding null counts as absent, as in Parquet manifests that mix
+    both styles (their turn struct has all four fields). ``(None, None)`` for a non-dict."""
+    if not isinstance(turn, dict):
+        return None, None
+    speaker, text = turn.get("from"), turn.get("value")
+    return (turn.get("role") if speaker is None else speaker), (turn.get("content") if text is None else text)
+
+
 def _normalize(conversations: Any, has_image: bool, record_id: str, for_generation: bool) -> list[dict]:
     """Validate a conversation and return chat messages ``{"role", "content"}`` with the image
     marker placed. Training conversations end with an answer, generation prompts with a user turn."""
@@ -285,8 +326,7 @@ def _normalize(conversations: Any, has_image: bool, record_id: str, for_generati
         raise RecordError("no_conversations", "conversation is missing or empty", record_id)
     messages = []
     for i, turn in enumerate(conversations):
-        speaker = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
-        text = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        speaker, text = turn_fields(turn)
         if not isinstance(speaker, str) or not isinstance(text, str):
             raise RecordError("bad_message", f"message {i} needs string 'from' and 'value'", record_id)
         if speaker not in ROLE_ALIASES:
@@ -370,4 +410,4 @@ def collate(
     return out
 
 
-__all__ = ["IMAGE_TOKEN", "IGNORE_INDEX", "RecordError", "DragonflyProcessor", "collate"]
+__all__ = ["IMAGE_TOKEN", "IGNORE_INDEX", "RecordError", "DragonflyProcessor", "collate", "turn_fields"]

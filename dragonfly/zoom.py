@@ -243,7 +243,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode to RGB. Transparency is composited onto white; 16/32-bit integer grey keeps
     its tones (its top 8 bits), where Pillow's own ``convert("RGB")`` clips it to white."""
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and not img.has_transparency_data:  # an RGB PNG may name one colour transparent
         return img
     if mode.startswith("I;16") or mode == "I":
         # "I" is how Pillow represents 16-bit grey from some formats: read as unsigned 16 bits.

@@ -13,8 +13,7 @@ import argparse
 import json
 import sys
 
-import ray
-
+from dragonfly_platform.cli import connect_ray
 from dragonfly_platform.config import ConfigError, read_yaml_mapping, validate_config
 from dragonfly_platform.curation import CurationConfig, format_counts, run_curation
 
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    ray.init(ignore_reinit_error=True)
+    connect_ray()
     report = run_curation(config)
     print(json.dumps(report, indent=2) if args.json else format_counts(report))
     print(f"wrote {report['n_output']} records to {report['output']}")

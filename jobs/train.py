@@ -3,7 +3,8 @@
     python jobs/train.py --config jobs/configs/tiny_stage1.yaml [--set train.max_steps=4 ...]
     ray job submit --runtime-env infra/runtime_env.yaml -- python jobs/train.py --config jobs/configs/stage1.yaml
 
-The config is validated before anything starts. Rerunning with the same run name and storage path
+The config is validated before anything starts (exit status 2 for a bad config; 1 when bad records
+pass ``data.max_bad_fraction``). Rerunning with the same run name and storage path
 resumes from the run's latest checkpoint. Connects to a running Ray cluster when there is one
 (``RAY_ADDRESS``, set inside ``ray job submit``), else starts a local one.
 """
@@ -35,9 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     connect_ray(args.num_cpus)
+    from dragonfly_platform.data import TooManyBadRecords
     from dragonfly_platform.train import run_training
 
-    result = run_training(cfg)
+    try:
+        result = run_training(cfg)
+    except (ConfigError, TooManyBadRecords) as err:  # raised by a worker; not retried (docs/training.md)
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
     print(f"run folder: {cfg.run_dir()}")
     print(f"export:     {cfg.export_dir()}")
     print(

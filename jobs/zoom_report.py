@@ -13,9 +13,8 @@ import argparse
 import json
 import sys
 
-import ray
-
 from dragonfly.config import ZoomConfig
+from dragonfly_platform.cli import connect_ray
 from dragonfly_platform.zoom_report import run_zoom_report
 
 
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=16, help="concurrent header reads per task")
     args = parser.parse_args(argv)
 
-    ray.init(ignore_reinit_error=True)
+    connect_ray()
     zoom = ZoomConfig(resolution=args.resolution, grid_rule=args.grid_rule)
     summary = run_zoom_report(
         args.manifest, args.out, zoom=zoom, image_root=args.image_root, threads=args.threads

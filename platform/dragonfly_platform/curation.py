@@ -38,6 +38,7 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dragonfly.processor import turn_fields
 from dragonfly_platform.manifest import read_manifest
 from dragonfly_platform.storage import StorageConfig, join, parent, strip_scheme
 
@@ -89,16 +90,16 @@ class CurationConfig(BaseModel):
 
 
 def normalize_instruction(conversations: Any) -> str:
-    """The user turns of a conversation, lowercased, ``<image>`` removed, whitespace collapsed."""
+    """The user turns of a conversation, each lowercased, ``<image>`` removed and whitespace
+    collapsed, one per line (collapsing first keeps ["a b"] and ["a", "b"] apart)."""
     if not isinstance(conversations, list):
         return ""
     texts = [
-        str(t.get("value", t.get("content", "")))
-        for t in conversations
-        if isinstance(t, dict) and t.get("from", t.get("role")) in USER_ROLES
+        str(text or "")
+        for speaker, text in map(turn_fields, conversations)
+        if isinstance(speaker, str) and speaker in USER_ROLES
     ]
-    text = " \n ".join(texts).replace("<image>", " ").lower()
-    return re.sub(r"\s+", " ", text).strip()
+    return "\n".join(re.sub(r"\s+", " ", text.replace("<image>", " ").lower()).strip() for text in texts)
 
 
 def unit_random(seed: int, *parts: Any) -> float:
@@ -143,8 +144,7 @@ def to_output(batch: pd.DataFrame) -> pa.Table:
         # The two LLaVA fields per turn, so every shard has one schema; chat-format turns
         # ({"role", "content"}) keep their role as the speaker, which the processor accepts.
         row["conversations"] = [
-            {"from": t.get("from", t.get("role")), "value": t.get("value", t.get("content"))}
-            for t in row["conversations"]
+            dict(zip(("from", "value"), turn_fields(t), strict=True)) for t in row["conversations"]
         ]
     return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 

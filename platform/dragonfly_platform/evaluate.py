@@ -21,6 +21,7 @@ stops the evaluation, since scores over a different subset would not be comparab
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -29,7 +30,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dragonfly.metrics import TASK_METRICS, score_task
-from dragonfly.processor import ROLE_ALIASES
+from dragonfly.processor import ROLE_ALIASES, turn_fields
 from dragonfly_platform.manifest import ManifestRecord, read_manifest
 from dragonfly_platform.registry import WEIGHTS_ARTIFACT
 from dragonfly_platform.storage import StorageConfig, is_s3, join, parent, strip_scheme
@@ -109,23 +110,41 @@ class ModelRef:
 
 
 def describe_model(uri: str, tracking_uri: str | None = None) -> ModelRef:
-    """Resolve registry aliases and find the producing run, without downloading anything."""
+    """Resolve registry aliases and find the producing run, without downloading anything. A local
+    folder that holds no model, or a registry name, alias or version that does not exist, is a
+    ``FileNotFoundError`` here, on the driver, before any replica starts."""
     if uri.startswith("runs:/"):
         return ModelRef(uri, uri, uri.removeprefix("runs:/").split("/", 1)[0])
     if not uri.startswith("models:/"):
+        if not uri.startswith(MLFLOW_SCHEMES) and not is_s3(uri):
+            if not os.path.isdir(uri):
+                raise FileNotFoundError(f"model {uri}: no such folder")
+            weights_dir(uri)  # raises naming what it expected to find
         return ModelRef(uri, uri, None)
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     rest = uri.removeprefix("models:/").rstrip("/")
-    if "@" in rest:
-        name, alias = rest.rsplit("@", 1)
-        mv = client.get_model_version_by_alias(name, alias)
-    elif "/" in rest:
-        name, version = rest.rsplit("/", 1)
-        mv = client.get_model_version(name, version)
-    else:  # models:/<model_id>, a logged model
-        return ModelRef(uri, uri, client.get_logged_model(rest).source_run_id)
+    try:
+        if "@" in rest:
+            name, alias = rest.rsplit("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        elif "/" in rest:
+            name, version = rest.rsplit("/", 1)
+            mv = client.get_model_version(name, version)
+        else:  # models:/<model_id>, a logged model
+            return ModelRef(uri, uri, client.get_logged_model(rest).source_run_id)
+    except MlflowException as err:
+        if err.error_code not in (
+            "RESOURCE_DOES_NOT_EXIST",
+            "INVALID_PARAMETER_VALUE",
+        ):  # unknown alias: the latter
+            raise
+        raise FileNotFoundError(
+            f"model {uri}: {err.message} (registry names are case-sensitive; tracking URI "
+            f"{client.tracking_uri})"
+        ) from err
     return ModelRef(uri, f"models:/{mv.name}/{mv.version}", mv.run_id, (mv.name, str(mv.version)))
 
 
@@ -148,15 +167,19 @@ def weights_dir(path: str) -> str:
     )
 
 
-def fetch_model(
+@contextlib.contextmanager
+def fetched_model(
     uri: str, storage: StorageConfig, tracking_uri: str | None = None, download_dir: str | None = None
-) -> tuple[str, str | None]:
-    """``(weights folder, downloaded folder or None)``: local folders are used in place; remote ones
-    are downloaded into a fresh folder under ``download_dir`` that the caller removes after loading."""
+) -> Iterator[str]:
+    """The ``save_pretrained`` folder of any model URI for the duration: a local export (or MLflow
+    model folder) in place; an ``s3://`` prefix or an MLflow URI (``runs:/<id>/model``,
+    ``models:/<name>@<alias>``: the registered pyfunc's weights) downloaded into a fresh folder under
+    ``download_dir`` and removed afterwards (an 8B model is 16 GB, fetched by every worker)."""
     if not uri.startswith(MLFLOW_SCHEMES) and not is_s3(uri):
         if not os.path.isdir(uri):
             raise FileNotFoundError(f"model {uri}: no such folder")
-        return weights_dir(uri), None
+        yield weights_dir(uri)
+        return
     if download_dir:
         os.makedirs(download_dir, exist_ok=True)
     local = tempfile.mkdtemp(prefix="dragonfly-model-", dir=download_dir)
@@ -171,10 +194,9 @@ def fetch_model(
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=uri, dst_path=local, tracking_uri=tracking_uri
             )
-        return weights_dir(local), local
-    except BaseException:
+        yield weights_dir(local)
+    finally:
         shutil.rmtree(local, ignore_errors=True)
-        raise
 
 
 def load_model(
@@ -184,14 +206,10 @@ def load_model(
     from dragonfly.model import DragonflyModel
     from dragonfly.processor import DragonflyProcessor
 
-    path, downloaded = fetch_model(uri, storage, tracking_uri, download_dir)
-    try:
+    with fetched_model(uri, storage, tracking_uri, download_dir) as path:
         return DragonflyModel.from_pretrained(path, device=device).eval(), DragonflyProcessor.from_pretrained(
             path
         )
-    finally:
-        if downloaded:  # loaded into memory: the copy on disk is not needed any more
-            shutil.rmtree(downloaded, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,10 +227,8 @@ def eval_row(index: int, record: ManifestRecord, image_root: str) -> dict[str, A
         "error": None,
     }
     turns = record.conversations
-    last = turns[-1] if isinstance(turns, list) and turns and isinstance(turns[-1], dict) else {}
-    speaker = last.get("from", last.get("role"))
+    speaker, answer = turn_fields(turns[-1]) if isinstance(turns, list) and turns else (None, None)
     role = ROLE_ALIASES.get(speaker) if isinstance(speaker, str) else None
-    answer = last.get("value", last.get("content"))
     if role != "assistant" or not isinstance(answer, str) or not answer.strip() or len(turns) < 2:
         row["error"] = f"record {record.id}: no final assistant answer to compare with"
         return row
@@ -475,7 +491,7 @@ __all__ = [
     "describe_model",
     "evaluate_model",
     "evaluator",
-    "fetch_model",
+    "fetched_model",
     "load_model",
     "score_table",
     "weights_dir",

@@ -3,7 +3,8 @@
 The driver resolves the MLflow run before the workers start (``resolve_mlflow_run``): an existing
 run tagged with the same run folder is reused, so a worker restart, a ``FailureConfig`` retry or
 rerunning the whole job all log into one run. World rank 0 then opens that run by id
-(``RankZeroTracker``) and logs params, per-step metrics, checkpoint URIs and the export.
+(``RankZeroTracker``) and logs params, per-step metrics and the export; the checkpoint tags come
+from Ray Train's controller once a checkpoint is uploaded (``train_callbacks.CheckpointTags``).
 """
 
 from __future__ import annotations

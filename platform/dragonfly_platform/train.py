@@ -67,28 +67,20 @@ def publish_dir(local_dir: str, url: str, storage: StorageConfig) -> None:
 
 
 @contextlib.contextmanager
-def fetched_dir(url: str, storage: StorageConfig, tracking_uri: str | None = None) -> Iterator[str]:
-    """A local folder holding ``url`` for the duration: itself when local, else a download of an
-    s3:// prefix or an MLflow URI (``models:/name@alias``, ``runs:/<id>/model``,
-    ``mlflow-artifacts:/...``) into a temporary folder that is removed afterwards (an 8B export is
-    16 GB, fetched by every worker of every attempt)."""
-    if not (is_s3(url) or url.startswith(("models:/", "runs:/", "mlflow-artifacts:"))):
+def fetched_dir(url: str, storage: StorageConfig) -> Iterator[str]:
+    """A local folder holding ``url`` (a local folder or an ``s3://`` prefix) for the duration:
+    itself when local, else a download into a temporary folder that is removed afterwards. Models
+    (``train.init_from``) come through ``evaluate.fetched_model``, which also reads MLflow URIs."""
+    if not is_s3(url):
         if not os.path.isdir(url):
-            raise FileNotFoundError(f"{url}: no such folder (expected a model export or processor folder)")
+            raise FileNotFoundError(f"{url}: no such folder")
         yield url
         return
+    import pyarrow.fs
+
     with tempfile.TemporaryDirectory(prefix="dragonfly-fetch-") as local:
-        if is_s3(url):
-            import pyarrow.fs
-
-            pyarrow.fs.copy_files(strip_scheme(url), local, source_filesystem=storage.pyarrow_filesystem(url))
-            yield local
-        else:
-            import mlflow.artifacts
-
-            yield mlflow.artifacts.download_artifacts(
-                artifact_uri=url, dst_path=local, tracking_uri=tracking_uri
-            )
+        pyarrow.fs.copy_files(strip_scheme(url), local, source_filesystem=storage.pyarrow_filesystem(url))
+        yield local
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,13 +138,14 @@ def _export_model_config(init_dir: str):
 def prepare_run(cfg: RunConfig) -> PreparedRun:
     """Driver-side setup before any worker starts: the MLflow run (found or created) and the processor
     written into ``<run>/processor`` where every worker (and the data pipeline) reads it."""
+    from dragonfly_platform.evaluate import fetched_model
     from dragonfly_platform.tracking import resolve_mlflow_run
 
     cfg = cfg.with_absolute_paths()
     tracking_uri = cfg.tracking_uri()  # an S3 run without an MLflow server fails here, before any work
     storage = run_storage(cfg)
     init_from = cfg.train.init_from
-    init = fetched_dir(init_from, storage, tracking_uri) if init_from else contextlib.nullcontext()
+    init = fetched_model(init_from, storage, tracking_uri) if init_from else contextlib.nullcontext()
     with init as init_dir:
         processor = build_processor(cfg, init_dir)
     processor_url = f"{cfg.run_dir()}/processor"
@@ -204,8 +197,13 @@ def build_trainer(cfg: RunConfig, callbacks: list | tuple = (), prepared: Prepar
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from dragonfly_platform.train_callbacks import CheckpointTags, StopOnPermanentError
+
     prepared = prepared or prepare_run(cfg)
     storage_path, storage_fs = ray_storage(cfg.run.storage_path, run_storage(cfg))
+    tags = CheckpointTags(
+        cfg.tracking_uri(), prepared.mlflow_run_id, cfg.run_dir(), cfg.train.keep_checkpoints
+    )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=prepared.to_dict(),
@@ -221,7 +219,7 @@ def build_trainer(cfg: RunConfig, callbacks: list | tuple = (), prepared: Prepar
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=list(callbacks),
+            callbacks=[tags, *callbacks, StopOnPermanentError()],  # last: it ends the callback chain
             worker_runtime_env=worker_runtime_env(cfg),
         ),
     )
@@ -245,13 +243,20 @@ def run_training(cfg: RunConfig, callbacks: list | tuple = ()):
 
 def fit(trainer, cfg: RunConfig, prepared: PreparedRun):
     """``trainer.fit()``; if it fails, the run's MLflow run is marked FAILED (a worker that dies
-    before its first report could not do it, and the run would show RUNNING forever)."""
+    before its first report could not do it, and the run would show RUNNING forever). A worker's
+    permanent error (``train_callbacks.PERMANENT_ERRORS``: bad records over budget, a config the
+    workers reject) is raised as itself, not wrapped in Ray Train's ``ControllerError``."""
+    from ray.train import ControllerError
+
     from dragonfly_platform.tracking import mark_failed
+    from dragonfly_platform.train_callbacks import PERMANENT_ERRORS
 
     try:
         return trainer.fit()
-    except BaseException:
+    except BaseException as error:
         mark_failed(cfg, prepared.mlflow_run_id)
+        if isinstance(error, ControllerError) and isinstance(error.controller_failure, PERMANENT_ERRORS):
+            raise error.controller_failure from None
         raise
 
 
@@ -311,9 +316,10 @@ class Worker:
 
     def _build_model(self):
         from dragonfly.model import DragonflyModel, apply_freeze_plan
+        from dragonfly_platform.evaluate import fetched_model
 
         if self.cfg.train.init_from:
-            with fetched_dir(self.cfg.train.init_from, self.storage, self.cfg.tracking_uri()) as init_dir:
+            with fetched_model(self.cfg.train.init_from, self.storage, self.cfg.tracking_uri()) as init_dir:
                 model = DragonflyModel.from_pretrained(init_dir)
         else:
             model = DragonflyModel(self.cfg.dragonfly_config(self.processor))
@@ -403,7 +409,7 @@ class Worker:
         samples_per_step = self.cfg.train.micro_batch_size * self.accumulation
         self.steps_per_epoch = fewest_rows // samples_per_step
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"rank partitions of {fewest_rows} rows cannot fill one optimizer step of "
                 f"{samples_per_step} samples per rank (global batch {self.cfg.train.global_batch_size})"
             )
@@ -471,7 +477,7 @@ class Worker:
     def _resume_position(self, folder: str) -> TrainState:
         state = TrainState.load(folder, self.rank)
         if state.world_size != self.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint in {folder} was written by {state.world_size} workers, this run has "
                 f"{self.world_size}: data positions are per-rank partitions, so resume with the same count"
             )
@@ -669,9 +675,7 @@ class Worker:
             delete_local_checkpoint_after_upload=True,
         )
         self.checkpointed_step = self.state.step
-        uri = f"{self.cfg.run_dir()}/{name}"
-        self.tracker.set_tags({"checkpoint.latest": uri, f"checkpoint.{name}": uri})
-        self._log(f"checkpoint {uri}")
+        self._log(f"checkpoint {self.cfg.run_dir()}/{name}")  # tagged in MLflow once uploaded
 
     def _export(self) -> None:
         """Consolidated weights in ``save_pretrained`` format plus the processor, to ``<run>/export``

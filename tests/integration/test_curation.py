@@ -147,6 +147,8 @@ def test_instruction_normalisation():
     assert normalize_instruction(_ask("  What   IS\tthis? ")) == "what is this?"
     assert normalize_instruction([{"from": "gpt", "value": "x"}]) == ""
     assert normalize_instruction("not a list") == ""
+    two_turns = _ask("What is") + _ask("this?", image=False)
+    assert normalize_instruction(two_turns) != normalize_instruction(_ask("What is this?"))
 
 
 def test_the_cap_choice_depends_on_the_seed_only():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import uuid
 from pathlib import Path
 
@@ -88,6 +89,23 @@ def test_too_many_failed_samples_stop_the_evaluation():
 def test_weights_dir_names_what_it_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a Dragonfly export .* nor an MLflow model"):
         weights_dir(str(tmp_path))
+
+
+def test_a_model_that_is_not_there_is_bad_input(client, ray_cluster, demo, tmp_path, capsys):
+    """Exit 2 with the reason, found on the driver: a registry name (case-sensitive), alias or
+    version that does not exist, and a folder without a model."""
+    job = load_job("evaluate")
+    args = ["--data", demo["val_manifest"], "--tracking-uri", client.tracking_uri, "--no-log"]
+    name = f"Dragonfly-{uuid.uuid4().hex[:6]}"
+    client.create_registered_model(name)
+    for model, reason in [
+        (f"models:/{name.lower()}@champion", f"Registered Model with name={name.lower()} not found"),
+        (f"models:/{name}@champion", "alias champion not found"),
+        (f"models:/{name}/3", f"Model Version \\(name={name}, version=3\\) not found"),
+        (str(tmp_path), "neither a Dragonfly export"),
+    ]:
+        assert job.main(["--model", model, *args]) == 2, model
+        assert re.search(f"error: (model )?{re.escape(model)}:? .*{reason}", capsys.readouterr().err), model
 
 
 def test_evaluation_of_a_registry_alias_logs_on_the_models_run(client, ray_cluster, demo, export_dir):

@@ -14,6 +14,7 @@ import json
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -239,6 +240,7 @@ def test_registered_pyfunc_model_loads_and_answers(client, runs, export_dir, tmp
     import mlflow.pyfunc
     import numpy as np
     import pandas as pd
+    import torch
     from PIL import Image
 
     from dragonfly.model import DragonflyModel
@@ -265,3 +267,18 @@ def test_registered_pyfunc_model_loads_and_answers(client, runs, export_dir, tmp
     as_json = pd.DataFrame({"image": [base64.b64encode(image).decode()], "messages": [json.dumps(question)]})
     alone = model.generate_text(processor, [image], [question], max_new_tokens=6)
     assert served.predict(as_json, params={"max_new_tokens": 6})["answer"].tolist() == alone
+
+    # `train.init_from: models:/<name>@champion` (the Med recipes start from the general model): the
+    # registered pyfunc's weights and processor, as training's driver and workers load them.
+    from dragonfly_platform.evaluate import fetched_model
+    from dragonfly_platform.storage import StorageConfig
+
+    with fetched_model(f"models:/{name}@{CHAMPION}", StorageConfig()) as init_dir:
+        loaded = DragonflyModel.from_pretrained(init_dir).state_dict()
+        assert (
+            DragonflyProcessor.from_pretrained(init_dir).tokenizer.get_vocab()
+            == processor.tokenizer.get_vocab()
+        )
+    assert not Path(init_dir).exists()  # the download is removed
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray.train import UserCallback
 from safetensors.torch import load_file
 
 from dragonfly.model import DragonflyModel
 from dragonfly_platform.config import parse_run_config
+from dragonfly_platform.data import TooManyBadRecords
 from dragonfly_platform.train import DEEPSPEED_TAG, run_training
 
 # The conftest's tiny run: 2 workers x global batch 8, 2 epochs of 32 rows = 8 steps, 64 samples.
@@ -93,7 +95,14 @@ def test_mlflow_has_params_metrics_checkpoints_and_the_export(zero_runs):
     ):
         assert metric in run.data.metrics, metric
     assert 0.0 <= run.data.metrics["data_wait_share"] <= 1.0
-    assert run.data.tags["checkpoint.latest"] == f"{cfg.run_dir()}/checkpoint_step_{STEPS:07d}"
+    # Checkpoints at steps 3, 6 and 8; Ray keeps the newest two folders, and the tags follow.
+    kept = {f"checkpoint_step_{step:07d}" for step in (6, STEPS)}
+    assert {p.name for p in Path(cfg.run_dir()).glob("checkpoint_step_*")} == kept
+    checkpoint_tags = {k: v for k, v in run.data.tags.items() if k.startswith("checkpoint.")}
+    assert checkpoint_tags == {
+        "checkpoint.latest": f"{cfg.run_dir()}/checkpoint_step_{STEPS:07d}",
+        **{f"checkpoint.{name}": f"{cfg.run_dir()}/{name}" for name in kept},
+    }
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert {"model/config.json", "model/model.safetensors", "model/dragonfly_processor.json"} <= artifacts
 
@@ -150,6 +159,8 @@ def test_zero3_checkpoints_live_on_s3_with_every_rank_shard(zero_runs, s3_env):
         p.rsplit("/", 1)[-1] for p in fs.ls(cfg.run_dir().removeprefix("s3://")) if "checkpoint_step" in p
     )
     assert checkpoints == ["checkpoint_step_0000004", "checkpoint_step_0000008"]
+    _, (run,) = mlflow_run(cfg)
+    assert run.data.tags["checkpoint.latest"] == f"{cfg.run_dir()}/checkpoint_step_0000008"
 
 
 def test_rerun_of_a_finished_run_keeps_its_checkpoints(zero_runs):
@@ -210,3 +221,39 @@ def test_no_credentials_in_logs_params_or_artifacts(
     # Driver, controller and worker logs of the whole Ray session.
     session = Path(ray._private.worker._global_node.get_session_dir_path())
     assert_clean(session / "logs", "Ray logs")
+
+
+def test_bad_records_over_budget_stop_the_run_at_once_despite_max_failures(
+    ray_cluster, tiny_run_config, tmp_path
+):
+    """Ray Train retries every worker error up to max_failures; a dataset over its bad-record
+    budget fails the same way on every attempt, so the first failure must end the run, with the
+    error itself (not Ray's wrapper) and the MLflow run marked FAILED."""
+    from dragonfly_platform.demo_data import write_demo_dataset
+    from dragonfly_platform.train import build_trainer, fit, prepare_run
+
+    class CountWorkerErrors(UserCallback):  # local: pickled by value to Ray Train's controller
+        def __init__(self, path: str):
+            self.path = path
+
+        def after_exception(self, run_context, worker_exceptions):  # once per failed attempt
+            with open(self.path, "a") as f:
+                f.write(f"{sorted(type(e).__name__ for e in worker_exceptions.values())}\n")
+
+    demo = write_demo_dataset(tmp_path / "demo", 8, 2, 0, with_bad_records=True)
+    raw = tiny_run_config(str(tmp_path / "runs"), "over-budget", "test-train")
+    raw["run"].update(max_failures=2, num_workers=1)
+    raw["data"].update(
+        train_manifest=demo["train_manifest"],
+        val_manifest=demo["val_manifest"],
+        max_bad_fraction=0.0,
+        min_records_for_bad_fraction=1,
+    )
+    cfg = parse_run_config(raw).with_absolute_paths()
+    prepared = prepare_run(cfg)
+    attempts = tmp_path / "attempts.txt"
+    with pytest.raises(TooManyBadRecords, match=r"over max_bad_fraction=0\.0%.* listed in .*/bad_records/"):
+        fit(build_trainer(cfg, [CountWorkerErrors(str(attempts))], prepared), cfg, prepared)
+    assert attempts.read_text().splitlines() == ["['TooManyBadRecords']"]  # one attempt, no retry
+    client, (run,) = mlflow_run(cfg)
+    assert run.info.status == "FAILED"

@@ -9,6 +9,7 @@ import safetensors.torch
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
+from dragonfly.config import ConfigError
 from dragonfly.convert import (
     clip_vision_to_open_clip,
     convert_released_checkpoint,
@@ -20,6 +21,7 @@ from dragonfly.model import TINY_VIT_CONFIG, DragonflyConfig, DragonflyModel, ti
 from dragonfly.vision import VisionConfig, VisionTower
 
 VOCAB, IMAGE_ID = 96, 95
+NEWLINE_ID = 3  # stands in for Llama-3's <|reserved_special_token_1|> (128003)
 VIT = TINY_VIT_CONFIG["vision_cfg"]
 
 
@@ -115,7 +117,7 @@ def _released_fixture():
 def test_released_checkpoint_converts_into_dragonfly_model():
     hf, llm, projector, state = _released_fixture()
     config = DragonflyConfig.tiny(VOCAB, IMAGE_ID)
-    model = convert_released_checkpoint(state, config).eval()
+    model = convert_released_checkpoint(state, config, image_newline_id=NEWLINE_ID).eval()
 
     assert torch.equal(model.projector.proj.weight, projector.weight)
     assert torch.equal(model.projector.proj.bias, projector.bias)
@@ -130,6 +132,23 @@ def test_released_checkpoint_converts_into_dragonfly_model():
         ]
     first_cls = projector(hidden[0, 0])  # the low crop's CLS row opens the block
     torch.testing.assert_close(blocks[0, 0], first_cls, atol=1e-5, rtol=0)
+    # After each crop: the released "image newline", the LLM's embedding of its token.
+    newline = llm.get_input_embeddings().weight[NEWLINE_ID]
+    per_crop = [
+        1 + n + 1
+        for level, k in config.zoom.tiles_per_level().items()
+        for n in [config.tokens.for_level(level)] * k
+    ]
+    ends = [sum(per_crop[: i + 1]) - 1 for i in range(len(per_crop))]
+    assert ends[-1] == config.layout.positions - 1
+    for end in ends:
+        assert torch.equal(blocks[0, end], newline), end
+
+
+def test_a_newline_id_outside_the_vocabulary_is_refused():
+    *_, state = _released_fixture()
+    with pytest.raises(ConfigError, match="image newline id 128003 is outside the LLM's vocabulary of 96"):
+        convert_released_checkpoint(state, DragonflyConfig.tiny(VOCAB, IMAGE_ID))
 
 
 def test_released_checkpoint_with_stray_tensor_is_refused():
@@ -154,16 +173,19 @@ def test_cli_converts_a_sharded_checkpoint(tmp_path):
     config_path = tmp_path / "ours.json"
     config_path.write_text(DragonflyConfig.tiny(VOCAB, IMAGE_ID).to_json())
 
-    assert main([str(src), str(dst), "--config", str(config_path)]) == 0
+    assert (
+        main([str(src), str(dst), "--config", str(config_path), "--image-newline-id", str(NEWLINE_ID)]) == 0
+    )
     model = DragonflyModel.from_pretrained(dst)
     assert torch.equal(model.projector.proj.weight, projector.weight)
+    assert torch.equal(model.projector.separator, llm.get_input_embeddings().weight[NEWLINE_ID])
     assert json.loads((dst / "config.json").read_text())["vision"]["pretrained"] is None
 
 
 def test_released_config_has_the_released_layout():
-    """One CLS per crop and no separator: 2057 image positions, like the released model (a config
-    with separators would put 41 untrained vectors into every image block)."""
+    """One CLS and one image newline per crop: 2098 positions, the block the released processor
+    builds (577 + 40 x 37 features, a newline after each crop)."""
     config = released_config({"text_config": {"hidden_size": 4096, "num_hidden_layers": 32}}, 128256)
-    assert (config.tokens.keep_cls, config.tokens.separator) == (True, False)
-    assert config.layout.positions == 2057
+    assert (config.tokens.keep_cls, config.tokens.separator) == (True, True)
+    assert config.layout.positions == 577 + 1 + 40 * (37 + 1) == 2098
     assert (config.vision.model_name, config.vision.quick_gelu) == ("ViT-L-14-336", True)

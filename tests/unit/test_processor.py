@@ -180,6 +180,12 @@ def test_templates_with_a_default_preamble_still_give_exact_spans(tokenizer):
     assert "Today Date: 26 Jul 2024" in processor.decode(sample["input_ids"])
     assert supervised_texts(processor, sample["labels"]) == [answer + EOT for answer in ANSWERS]
     np.testing.assert_array_equal(sample["input_ids"], expanded_reference(processor, CONVERSATION))
+    # Training on user turns adds their words, never BOS, the template's preamble or the headers.
+    with_users = DragonflyProcessor(tok, SMALL_ZOOM, SMALL_TOKENS, train_on_user_turns=True)
+    sample = with_users.encode(CONVERSATION, has_image=True)
+    texts = [m["value"].removeprefix("<image>") + EOT for m in CONVERSATION]
+    assert supervised_texts(with_users, sample["labels"]) == texts
+    np.testing.assert_array_equal(sample["input_ids"], expanded_reference(with_users, CONVERSATION))
 
 
 def test_template_that_rewrites_earlier_turns_is_refused(tokenizer):
@@ -188,9 +194,38 @@ def test_template_that_rewrites_earlier_turns_is_refused(tokenizer):
     tok.chat_template = (
         "{%- for m in messages | reverse %}{{ m['role'] + ':' + m['content'] + '|' }}{%- endfor %}"
     )
+    with pytest.raises(ValueError, match="prefix-stable"):  # when the processor is built, not per record
+        DragonflyProcessor(tok, SMALL_ZOOM, SMALL_TOKENS)
+
+
+def test_turns_with_both_styles_of_keys_use_the_ones_that_are_set(processor):
+    """A Parquet manifest mixing LLaVA and chat-style turns gives every turn all four keys, the
+    unused ones null."""
+    mixed = [
+        {"from": None, "value": None, "role": "user", "content": CONVERSATION[0]["value"]},
+        {"from": "gpt", "value": CONVERSATION[1]["value"], "role": None, "content": None},
+    ]
+    for key, value in processor.encode(CONVERSATION[:2], True).items():
+        np.testing.assert_array_equal(processor.encode(mixed, True)[key], value)
+
+
+def test_a_conversation_the_template_refuses_is_a_bad_record():
+    tok = build_tiny_tokenizer()
+    # Like Gemma's template: no system role.
+    refuse_system = "{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{%- endif %}"
+    tok.chat_template = refuse_system + LLAMA3_STYLE_CHAT_TEMPLATE
     processor = DragonflyProcessor(tok, SMALL_ZOOM, SMALL_TOKENS)
-    with pytest.raises(ValueError, match="prefix-stable"):
-        processor.encode(CONVERSATION[:2], has_image=True)
+    assert supervised_texts(processor, processor.encode(CONVERSATION[:2], True)["labels"]) == [
+        ANSWERS[0] + EOT
+    ]
+    with pytest.raises(
+        RecordError, match="record r7: the chat template refused it: System role not supported"
+    ) as err:
+        processor.encode([{"from": "system", "value": "Be brief."}, *CONVERSATION[:2]], True, record_id="r7")
+    assert err.value.reason == "template"
+    tok.chat_template = "{{ raise_exception('no chat here') }}"
+    with pytest.raises(ValueError, match="cannot render a plain conversation: .*no chat here"):
+        DragonflyProcessor(tok, SMALL_ZOOM, SMALL_TOKENS)
 
 
 # -- image marker placement -------------------------------------------------------------------

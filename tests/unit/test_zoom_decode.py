@@ -83,6 +83,14 @@ def test_palette_with_transparency_is_composited_onto_white():
     assert (rgb[:, 8:] == (0, 255, 0)).all()
 
 
+def test_rgb_with_a_transparent_colour_is_composited_onto_white():
+    rgb = np.zeros((8, 16, 3), np.uint8)
+    rgb[:, 8:] = (10, 200, 30)
+    data = encode(Image.fromarray(rgb), "PNG", transparency=(0, 0, 0))  # black is transparent
+    out = np.asarray(open_image(data, CONFIG, source="rgb-key.png"))
+    assert (out[:, :8] == 255).all() and (out[:, 8:] == (10, 200, 30)).all()
+
+
 def test_la_image_is_composited_onto_white():
     la = Image.merge("LA", [Image.new("L", (8, 8), 50), Image.new("L", (8, 8), 0)])
     assert (np.asarray(open_image(encode(la, "PNG"), CONFIG, source="la.png")) == 255).all()

@@ -1,0 +1,69 @@
+"""Ray Train callbacks of every training run. They run on Ray Train's controller, not in the workers.
+
+- ``StopOnPermanentError``: Ray Train retries every worker error up to ``run.max_failures`` (the
+  production recipes allow 3), and its failure policy has no public hook to tell a crash from an
+  error that a restart cannot fix. A dataset over its bad-record budget or a config that the workers
+  reject would reload the model and fail again on every retry. The callback re-raises such an error
+  on the controller, which Ray Train treats as a controller failure, never retried; ``train.fit``
+  hands the original error back to the caller.
+- ``CheckpointTags``: the MLflow tags that point at the run's checkpoints. The controller hears of a
+  checkpoint once every rank has uploaded its part (also with asynchronous uploads), so a tag never
+  names a checkpoint that is still being written, and tags of checkpoints that Ray has deleted
+  (``train.keep_checkpoints``) are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.train import UserCallback
+
+from dragonfly.config import ConfigError
+from dragonfly_platform.data import TooManyBadRecords
+
+log = logging.getLogger("dragonfly.train")
+
+# Errors that say the same thing on every attempt: the run's data or config, not a machine.
+PERMANENT_ERRORS = (ConfigError, TooManyBadRecords)
+LATEST_CHECKPOINT_TAG = "checkpoint.latest"
+CHECKPOINT_TAG_PREFIX = "checkpoint.checkpoint_step_"
+
+
+class StopOnPermanentError(UserCallback):
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        for rank in sorted(worker_exceptions):
+            if isinstance(worker_exceptions[rank], PERMANENT_ERRORS):
+                log.error("rank %d: %s (not retried)", rank, worker_exceptions[rank])
+                raise worker_exceptions[rank]
+
+
+class CheckpointTags(UserCallback):
+    """``checkpoint.latest`` and ``checkpoint.<folder name>`` tags on the run's MLflow run, for the
+    checkpoints that exist (Ray keeps the newest ``keep`` folders)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, run_dir: str, keep: int):
+        self.tracking_uri, self.run_id, self.run_dir, self.keep = tracking_uri, run_id, run_dir, keep
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if checkpoint is None:
+            return
+        try:
+            self._tag(checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+        except Exception as err:  # a tag is a pointer for people: never fail training over it
+            log.warning("could not tag checkpoint %s on MLflow run %s: %s", checkpoint.path, self.run_id, err)
+
+    def _tag(self, name: str) -> None:
+        from mlflow.entities import RunTag
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        uri = f"{self.run_dir}/{name}"
+        client.log_batch(
+            self.run_id, tags=[RunTag(LATEST_CHECKPOINT_TAG, uri), RunTag(f"checkpoint.{name}", uri)]
+        )
+        tagged = sorted(
+            k for k in client.get_run(self.run_id).data.tags if k.startswith(CHECKPOINT_TAG_PREFIX)
+        )
+        for stale in tagged[: -self.keep]:  # zero-padded step numbers: name order is step order
+            client.delete_tag(self.run_id, stale)
