@@ -68,6 +68,30 @@ class RecordError(ValueError):
         self.record_id = record_id
 
 
+# The released Dragonfly's prompt (togethercomputer/Dragonfly: processing_dragonfly.py builds the
+# image block in front of the tokenized text, pipeline/data_utils/data.py writes Llama-3 turns without
+# a system block, test_dragonfly.py's format_text puts a system prompt in front of the question): the
+# block first, then BOS and the turns, the marker taken out of the user's text. For checkpoints
+# converted with dragonfly.convert: they then see the prompts they were trained on.
+RELEASED_CHAT_TEMPLATE = (
+    "{%- set dialogue = messages | rejectattr('role', 'equalto', 'system') | list %}"
+    "{%- if dialogue %}"  # nothing before the first user turn: a system turn alone renders empty
+    "{%- set image = namespace(seen=false) %}"
+    "{%- for message in messages if '<image>' in message['content'] %}{%- set image.seen = true %}{%- endfor %}"
+    "{%- if image.seen %}{{- '<image>' }}{%- endif %}"
+    "{{- bos_token }}"
+    "{%- for message in dialogue %}"
+    "{%- set text = message['content'] | replace('<image>\\n', '') | replace('<image>', '') | trim %}"
+    "{%- if loop.first and messages[0]['role'] == 'system' %}"
+    "{%- set text = (messages[0]['content'] | trim) + ' ' + text %}"
+    "{%- endif %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + text + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+CHAT_TEMPLATES = {"released": RELEASED_CHAT_TEMPLATE}
+
 # What every usable chat template must render: an image exchange and a follow-up.
 _PROBE = [
     {"from": "human", "value": "<image>\nWhat is this?"},
@@ -93,7 +117,8 @@ class DragonflyProcessor:
     missing (the model's embedding table must then cover ``len(processor.tokenizer)`` ids).
     ``max_length`` bounds training sequences: later turns are dropped whole to fit; a record whose
     first exchange (with the image block) does not fit raises ``RecordError("too_long")``.
-    ``train_on_user_turns`` also supervises the text of user turns (the released code's
+    ``chat_template`` replaces the tokenizer's: ``"released"`` (the released Dragonfly's prompt, for
+    converted checkpoints) or a Jinja template. ``train_on_user_turns`` also supervises the text of user turns (the released code's
     behaviour; the template's headers and preamble stay unsupervised); image positions are never
     supervised.
     """
@@ -105,7 +130,10 @@ class DragonflyProcessor:
         tokens: TokenConfig,
         max_length: int = 4096,
         train_on_user_turns: bool = False,
+        chat_template: str | None = None,
     ):
+        if chat_template is not None:  # a name of CHAT_TEMPLATES or a Jinja template of one's own
+            tokenizer.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template)
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template; Dragonfly renders conversations with it")
         if max_length <= 0:
@@ -122,6 +150,7 @@ class DragonflyProcessor:
         self.tokens = tokens
         self.max_length = max_length
         self.train_on_user_turns = train_on_user_turns
+        self.chat_template = chat_template
         self.layout: ImageTokenLayout = image_token_layout(zoom, tokens)
         self.image_token_id: int = image_ids[0]
         # Llama-3.x has no pad token; padded positions are masked, so end-of-turn serves.
@@ -203,9 +232,11 @@ class DragonflyProcessor:
         def extend(message: int, longer: str, supervised: bool) -> None:
             nonlocal rendered
             if not longer.startswith(rendered):
-                raise ValueError(
+                raise RecordError(
+                    "template",
                     f"chat template is not prefix-stable at message {message}: rendering more messages "
-                    "changed the text of earlier ones, so turn spans cannot be found"
+                    "changed the text of earlier ones, so turn spans cannot be found",
+                    record_id,
                 )
             pieces.append(_Piece(message, longer[len(rendered) :], supervised))
             rendered = longer
@@ -284,6 +315,7 @@ class DragonflyProcessor:
             "tokens": self.tokens.to_dict(),
             "max_length": self.max_length,
             "train_on_user_turns": self.train_on_user_turns,
+            "chat_template": self.chat_template,
         }
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -410,4 +442,13 @@ def collate(
     return out
 
 
-__all__ = ["IMAGE_TOKEN", "IGNORE_INDEX", "RecordError", "DragonflyProcessor", "collate", "turn_fields"]
+__all__ = [
+    "CHAT_TEMPLATES",
+    "RELEASED_CHAT_TEMPLATE",
+    "IMAGE_TOKEN",
+    "IGNORE_INDEX",
+    "RecordError",
+    "DragonflyProcessor",
+    "collate",
+    "turn_fields",
+]

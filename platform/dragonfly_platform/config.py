@@ -43,6 +43,9 @@ class ProcessorSection(_Section):
     tokenizer: str | None = None
     max_length: Annotated[int, Field(gt=0)] = 4096
     train_on_user_turns: bool = False
+    # None: the tokenizer's own chat template (an init_from export's, as saved); "released": the
+    # released Dragonfly's prompt, for checkpoints converted with dragonfly.convert; or a Jinja template.
+    chat_template: str | None = None
 
 
 class TrainConfig(_Section):

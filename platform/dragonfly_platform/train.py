@@ -109,6 +109,8 @@ def build_processor(cfg: RunConfig, init_dir: str | None):
         "max_length": cfg.processor.max_length,
         "train_on_user_turns": cfg.processor.train_on_user_turns,
     }
+    if cfg.processor.chat_template is not None:  # else an init export keeps the template it was trained with
+        settings["chat_template"] = cfg.processor.chat_template
     if init_dir is not None and cfg.processor.tokenizer is None:
         return DragonflyProcessor.from_pretrained(init_dir, **settings)
     # The zoom and token settings are the model's; preset defaults hold before the tokenizer exists.

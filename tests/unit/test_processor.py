@@ -209,6 +209,47 @@ def test_turns_with_both_styles_of_keys_use_the_ones_that_are_set(processor):
         np.testing.assert_array_equal(processor.encode(mixed, True)[key], value)
 
 
+def test_released_template_renders_the_released_prompt(tmp_path):
+    """The released Dragonfly's layout: image block, BOS, Llama-3 turns without a system block, the
+    system prompt in front of the question (processing_dragonfly.py, data.py, test_dragonfly.py)."""
+    tok = build_tiny_tokenizer()
+    processor = DragonflyProcessor(tok, SMALL_ZOOM, SMALL_TOKENS, chat_template="released")
+    system = {"from": "system", "value": "Answer briefly."}
+    sample = processor.encode([system, *CONVERSATION[:4]], has_image=True)
+    head = "<|start_header_id|>user<|end_header_id|>\n\n"
+    answer = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert processor.decode(sample["input_ids"]) == (
+        f"<image><|begin_of_text|>{head}Answer briefly. What is in the picture?{EOT}"
+        f"{answer}{ANSWERS[0]}{EOT}{head}How many objects are there?{EOT}{answer}{ANSWERS[1]}{EOT}"
+    )
+    ids = sample["input_ids"]
+    assert (
+        ids[: processor.layout.positions] == processor.image_token_id
+    ).all()  # the block opens the sequence
+    assert supervised_texts(processor, sample["labels"]) == [a + EOT for a in ANSWERS[:2]]
+    prompt = processor.decode(processor.encode_prompt(chat(CONVERSATION[:1]), has_image=True))
+    assert prompt == f"<image><|begin_of_text|>{head}What is in the picture?{EOT}{answer}"
+    assert processor.decode(processor.encode(CONVERSATION[2:4], has_image=False)["input_ids"]).startswith(
+        f"<|begin_of_text|>{head}How many"
+    )
+    # Saved with the processor: a later stage from the export renders the same prompt.
+    processor.save_pretrained(tmp_path)
+    loaded = DragonflyProcessor.from_pretrained(tmp_path)
+    assert loaded.chat_template == "released"
+    np.testing.assert_array_equal(
+        loaded.encode(CONVERSATION[:2], True)["input_ids"],
+        processor.encode(CONVERSATION[:2], True)["input_ids"],
+    )
+
+
+def test_released_template_refuses_an_image_after_the_first_exchange():
+    processor = DragonflyProcessor(build_tiny_tokenizer(), SMALL_ZOOM, SMALL_TOKENS, chat_template="released")
+    late_image = [*CONVERSATION[2:4], {"from": "human", "value": "<image>\nAnd here?"}, CONVERSATION[1]]
+    with pytest.raises(RecordError, match="not prefix-stable") as err:
+        processor.encode(late_image, has_image=True)
+    assert err.value.reason == "template"
+
+
 def test_a_conversation_the_template_refuses_is_a_bad_record():
     tok = build_tiny_tokenizer()
     # Like Gemma's template: no system role.
