@@ -19,6 +19,10 @@ sees exactly the block it was trained on.
 
 CLI: ``python -m dragonfly.convert SRC_DIR DST_DIR [--config dragonfly_config.json]``; SRC_DIR holds
 the released ``*.safetensors`` shards and ``config.json``; DST_DIR gets ``save_pretrained`` output.
+When SRC_DIR also holds the released tokenizer (as the Hugging Face repositories do), DST_DIR gets a
+``DragonflyProcessor`` too, with ``chat_template="released"`` (the prompt the checkpoint was trained
+on) and ``<image>`` added to the tokenizer, whose id the model config takes: the folder is then a
+complete export that ``jobs/evaluate.py`` and ``train.init_from`` load as they are.
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ _TOP_RENAMES = {
     "post_layernorm.weight": "ln_post.weight",
     "post_layernorm.bias": "ln_post.bias",
 }
+# The released crops and image block: R = 336, all three levels; one CLS and one image newline per crop.
+RELEASED_ZOOM = ZoomConfig()
+RELEASED_TOKENS = TokenConfig(keep_cls=True, separator=True)
 # <|reserved_special_token_1|> in Llama-3's tokenizer: the released processor's image newline.
 RELEASED_IMAGE_NEWLINE_ID = 128003
 # Buffers some checkpoints carry that are recomputed at build time.
@@ -217,8 +224,8 @@ def released_config(hf_config: Mapping, image_token_id: int) -> DragonflyConfig:
     text_config.setdefault("model_type", "llama")
     return DragonflyConfig(
         image_token_id=image_token_id,
-        zoom=ZoomConfig(),
-        tokens=TokenConfig(keep_cls=True, separator=True),  # the released layout: 2098 positions
+        zoom=RELEASED_ZOOM,
+        tokens=RELEASED_TOKENS,  # 2098 positions
         vision=VisionConfig(model_name="ViT-L-14-336", pretrained=None, quick_gelu=True),
         projector="linear",
         llm_name_or_path=None,
@@ -251,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         "--config", type=Path, help="our DragonflyConfig JSON (default: derived from SRC/config.json)"
     )
     parser.add_argument(
-        "--image-token-id", type=int, help="id of <image> in the tokenizer (without --config)"
+        "--image-token-id",
+        type=int,
+        help="id of <image> in the tokenizer (without --config; default: from SRC's tokenizer)",
     )
     parser.add_argument(
         "--image-newline-id",
@@ -261,18 +270,42 @@ def main(argv: list[str] | None = None) -> int:
         "<|reserved_special_token_1|>, %(default)s)",
     )
     args = parser.parse_args(argv)
-    if args.config:
-        config = DragonflyConfig.from_json(args.config.read_text())
-    elif args.image_token_id is None:
-        parser.error("--image-token-id is required without --config")
-    else:
-        config = released_config(json.loads((args.src / "config.json").read_text()), args.image_token_id)
+    config = DragonflyConfig.from_json(args.config.read_text()) if args.config else None
+    processor = None
+    if (args.src / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        from dragonfly.processor import DragonflyProcessor
+
+        zoom, tokens = (config.zoom, config.tokens) if config else (RELEASED_ZOOM, RELEASED_TOKENS)
+        processor = DragonflyProcessor(
+            AutoTokenizer.from_pretrained(args.src), zoom, tokens, chat_template="released"
+        )
+    image_token_id = (
+        args.image_token_id if args.image_token_id is not None else getattr(processor, "image_token_id", None)
+    )
+    if config is None:
+        if image_token_id is None:
+            parser.error("--image-token-id is required without --config and without a tokenizer in SRC")
+        config = released_config(json.loads((args.src / "config.json").read_text()), image_token_id)
+    if processor is not None and processor.image_token_id != config.image_token_id:
+        parser.error(
+            f"<image> is id {processor.image_token_id} in SRC's tokenizer but {config.image_token_id} in the config"
+        )
     model = DragonflyModel(config, load_weights=False)
     report = load_released_state_dict(model, load_safetensors_dir(args.src), args.image_newline_id)
     model.save_pretrained(args.dst)
+    if processor is not None:
+        processor.save_pretrained(args.dst)
     print(
         json.dumps(
-            {"dst": str(args.dst), "dropped": report.dropped, "initialised": report.initialised}, indent=2
+            {
+                "dst": str(args.dst),
+                "processor": processor is not None,
+                "dropped": report.dropped,
+                "initialised": report.initialised,
+            },
+            indent=2,
         )
     )
     return 0

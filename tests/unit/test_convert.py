@@ -18,6 +18,8 @@ from dragonfly.convert import (
     released_config,
 )
 from dragonfly.model import TINY_VIT_CONFIG, DragonflyConfig, DragonflyModel, tiny_llama_config
+from dragonfly.processor import IMAGE_TOKEN, DragonflyProcessor
+from dragonfly.tiny import build_tiny_tokenizer
 from dragonfly.vision import VisionConfig, VisionTower
 
 VOCAB, IMAGE_ID = 96, 95
@@ -180,6 +182,31 @@ def test_cli_converts_a_sharded_checkpoint(tmp_path):
     assert torch.equal(model.projector.proj.weight, projector.weight)
     assert torch.equal(model.projector.separator, llm.get_input_embeddings().weight[NEWLINE_ID])
     assert json.loads((dst / "config.json").read_text())["vision"]["pretrained"] is None
+
+
+def test_cli_with_the_released_tokenizer_writes_a_complete_export(tmp_path):
+    """With the tokenizer in SRC (as in the released repositories) the output is an export that
+    evaluation and init_from load as is: weights plus a processor with the released prompt."""
+    *_, state = _released_fixture()
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(src / "model.safetensors"))
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.save_pretrained(src)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    for image_token_id, status in ((IMAGE_ID, 2), (image_id, 0)):
+        config_path = tmp_path / f"ours-{image_token_id}.json"
+        config_path.write_text(DragonflyConfig.tiny(VOCAB, image_token_id).to_json())
+        args = [str(src), str(dst), "--config", str(config_path), "--image-newline-id", str(NEWLINE_ID)]
+        if status:  # the config's <image> id is not the tokenizer's: refused before any work
+            with pytest.raises(SystemExit) as exit_info:
+                main(args)
+            assert exit_info.value.code == status and not dst.exists()
+        else:
+            assert main(args) == 0
+    processor = DragonflyProcessor.from_pretrained(dst)
+    assert processor.chat_template == "released" and processor.image_token_id == image_id
+    assert DragonflyModel.from_pretrained(dst).config.image_token_id == image_id
 
 
 def test_released_config_has_the_released_layout():
