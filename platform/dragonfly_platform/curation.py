@@ -3,7 +3,7 @@
 1. Read every source's LLaVA manifest (JSON / JSONL / Parquet, local or ``s3://``).
 2. Hash each image's bytes (sha256; concurrent reads in Ray tasks). Unreadable images, and records
    whose ``conversations`` is not a list of turns, are dropped, counted ("unreadable") and listed in
-   ``<output>/_bad_records.jsonl`` (reasons ``missing_file``, ``bad_conversations``).
+   ``<output>/_bad_records.jsonl`` (reasons ``missing_file``, ``unreadable_file``, ``bad_conversations``).
 3. Deduplicate image-instruction pairs: key = image hash + normalised instruction (the user turns,
    lowercased, ``<image>`` removed, whitespace collapsed). The copy kept is the one from the source
    listed first, then the earliest manifest line, so duplicates across sources (SVIT and ShareGPT4V
@@ -40,7 +40,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dragonfly.processor import turn_fields
 from dragonfly_platform.manifest import read_manifest
-from dragonfly_platform.storage import StorageConfig, join, parent, strip_scheme
+from dragonfly_platform.storage import (
+    RECORD_READ_ERRORS,
+    StorageConfig,
+    join,
+    parent,
+    read_error_reason,
+    strip_scheme,
+)
 
 TURNS = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
 OUTPUT_SCHEMA = pa.schema(
@@ -121,8 +128,8 @@ def hash_images(batch: pd.DataFrame, *, storage: StorageConfig, threads: int) ->
     def digest(i: int) -> None:
         try:
             digests[i] = hashlib.sha256(storage.read_bytes(urls[i])).hexdigest()
-        except (FileNotFoundError, IsADirectoryError) as err:
-            errors[i] = f"missing_file: {err}"
+        except RECORD_READ_ERRORS as err:
+            errors[i] = f"{read_error_reason(err)}: {err}"
 
     wanted = [i for i, url in enumerate(urls) if url is not None]
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(wanted)))) as pool:

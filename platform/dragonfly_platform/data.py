@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dragonfly.config import ZoomConfig
 from dragonfly_platform.manifest import ManifestRecord, read_manifest
-from dragonfly_platform.storage import StorageConfig, join, parent
+from dragonfly_platform.storage import RECORD_READ_ERRORS, StorageConfig, join, parent, read_error_reason
 
 if TYPE_CHECKING:
     # Imported where used: the fetch and crop tasks' worker processes never load transformers.
@@ -286,7 +286,7 @@ def tokenize_rows(batch: pa.Table, *, processor_ref, image_root: str) -> pa.Tabl
 
 def fetch_images(batch: pa.Table, *, storage: StorageConfig, threads: int) -> pa.Table:
     """Add ``image_bytes`` for the good image rows, reading them concurrently. A missing object
-    makes the row bad (``missing_file``); an unreachable store raises."""
+    makes the row bad (``missing_file``, ``unreadable_file``); an unreachable store raises."""
     rows = batch.to_pylist()
     wanted = [i for i, r in enumerate(rows) if r["has_image"] and r["bad_reason"] is None]
     data: list[bytes | None] = [None] * len(rows)
@@ -294,8 +294,8 @@ def fetch_images(batch: pa.Table, *, storage: StorageConfig, threads: int) -> pa
     def read(i: int) -> None:
         try:
             data[i] = storage.read_bytes(rows[i]["source"])
-        except (FileNotFoundError, IsADirectoryError) as err:
-            rows[i]["bad_reason"] = "missing_file"
+        except RECORD_READ_ERRORS as err:
+            rows[i]["bad_reason"] = read_error_reason(err)
             rows[i]["bad_message"] = f"record {rows[i]['id']}: {type(err).__name__}: {rows[i]['source']}"
 
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(wanted)))) as pool:

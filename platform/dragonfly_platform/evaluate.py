@@ -45,7 +45,15 @@ from dragonfly.metrics import TASK_METRICS, score_task
 from dragonfly.processor import ROLE_ALIASES, turn_fields
 from dragonfly_platform.manifest import ManifestRecord, read_manifest
 from dragonfly_platform.registry import WEIGHTS_ARTIFACT
-from dragonfly_platform.storage import StorageConfig, is_s3, join, parent, strip_scheme
+from dragonfly_platform.storage import (
+    RECORD_READ_ERRORS,
+    StorageConfig,
+    is_s3,
+    join,
+    parent,
+    read_error_reason,
+    strip_scheme,
+)
 from dragonfly_platform.worker_env import settings_env
 
 log = logging.getLogger("dragonfly.evaluate")
@@ -281,8 +289,9 @@ class Predictor:
         def read(i: int) -> None:
             try:
                 images[i] = self.storage.read_bytes(rows[i]["image"])
-            except (FileNotFoundError, IsADirectoryError) as err:
-                errors[i] = f"record {rows[i]['id']}: missing image {rows[i]['image']} ({type(err).__name__})"
+            except RECORD_READ_ERRORS as err:
+                what = "missing" if read_error_reason(err) == "missing_file" else "unreadable"
+                errors[i] = f"record {rows[i]['id']}: {what} image {rows[i]['image']} ({type(err).__name__})"
 
         wanted = [i for i, r in enumerate(rows) if r["image"] is not None]
         if wanted:

@@ -28,6 +28,15 @@ class StorageUnavailableError(OSError):
     """The object store could not be reached or kept failing after retries."""
 
 
+# Errors of ``read_bytes`` that concern one object while the store works: its record is skipped.
+RECORD_READ_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError)
+
+
+def read_error_reason(err: OSError) -> str:
+    """The bad-record reason of a ``RECORD_READ_ERRORS`` error."""
+    return "unreadable_file" if isinstance(err, PermissionError) else "missing_file"
+
+
 class StorageConfig(BaseModel):
     """Credentials and endpoint for ``s3://`` URLs; local paths need none of it."""
 
@@ -121,10 +130,14 @@ class StorageConfig(BaseModel):
 
     def read_bytes(self, url: str) -> bytes:
         """The whole object. ``FileNotFoundError`` if it is not there; ``StorageUnavailableError``
-        if the store keeps failing."""
+        if the object store keeps failing. A local file raises its own ``OSError`` (a
+        ``PermissionError`` is that file's problem, not an outage)."""
+        if not is_s3(url):
+            with open(url, "rb") as f:
+                return f.read()
         fs = self.filesystem(url)
         try:
-            return fs.cat_file(strip_scheme(url) if is_s3(url) else url)
+            return fs.cat_file(strip_scheme(url))
         except (FileNotFoundError, IsADirectoryError):
             raise
         except Exception as err:  # botocore/aiohttp errors share no base class with OSError
@@ -202,6 +215,8 @@ def parent(url: str) -> str:
 __all__ = [
     "StorageConfig",
     "StorageUnavailableError",
+    "RECORD_READ_ERRORS",
+    "read_error_reason",
     "is_s3",
     "is_absolute",
     "strip_scheme",

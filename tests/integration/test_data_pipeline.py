@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import s3fs
 from PIL import Image
@@ -18,11 +19,13 @@ from dragonfly.processor import DragonflyProcessor
 from dragonfly.tiny import build_tiny_tokenizer
 from dragonfly.zoom import make_crops
 from dragonfly_platform.data import (
+    ROW_SCHEMA,
     BadRecordLog,
     DataConfig,
     TooManyBadRecords,
     build_dataset,
     build_rank_dataset,
+    fetch_images,
     iter_samples,
     iter_train_batches,
     rank_indices,
@@ -162,6 +165,38 @@ def test_a_fresh_rank_log_lists_a_reread_split_once(tmp_path):
 
     assert [pass_over_one_bad_record(fresh=False) for _ in range(2)] == [1, 2]
     assert [pass_over_one_bad_record(fresh=True) for _ in range(2)] == [1, 1]
+
+
+def test_a_local_file_that_cannot_be_read_is_a_bad_record_not_an_outage(tmp_path, monkeypatch):
+    """A locked file among readable ones (a shared dataset folder) skips that record; it used to
+    stop the job as "could not read ... from AWS S3". The tests run as root, who reads any file, so
+    open() is made to refuse that one path as it refuses other users."""
+    import builtins
+
+    locked, readable = tmp_path / "locked.png", tmp_path / "ok.png"
+    locked.write_bytes(b"png")
+    readable.write_bytes(b"png")
+    real_open = builtins.open
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    rows = [
+        {"id": name, "local_index": i, "source": str(path), "has_image": True}
+        for i, (name, path) in enumerate(
+            [("locked", locked), ("ok", readable), ("gone", tmp_path / "no.png")]
+        )
+    ]
+    batch = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    fetched = fetch_images(batch, storage=StorageConfig(), threads=2).to_pylist()
+    assert [(r["id"], r["bad_reason"], r["image_bytes"]) for r in fetched] == [
+        ("locked", "unreadable_file", None),
+        ("ok", None, b"png"),
+        ("gone", "missing_file", None),
+    ]
 
 
 def test_too_many_bad_records_names_the_published_file(tmp_path):
