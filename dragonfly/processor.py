@@ -82,7 +82,7 @@ RELEASED_CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- for message in dialogue %}"
     "{%- set text = message['content'] | replace('<image>\\n', '') | replace('<image>', '') | trim %}"
-    "{%- if loop.first and messages[0]['role'] == 'system' %}"
+    "{%- if loop.first and messages[0]['role'] == 'system' and messages[0]['content'] | trim %}"
     "{%- set text = (messages[0]['content'] | trim) + ' ' + text %}"
     "{%- endif %}"
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + text + '<|eot_id|>' }}"
@@ -250,10 +250,17 @@ class DragonflyProcessor:
             longer = render(i + 1, add_generation_prompt=False)
             if role == "user" and supervised:
                 # The user's words and end of turn only: what the template writes before them (BOS,
-                # a default system block like Llama-3.1's, the header) is prompt, as for answers.
-                start = longer.rfind(message["content"].strip(), len(rendered))
-                if start > len(rendered):
-                    extend(i, longer[:start], supervised=False)
+                # a default system block like Llama-3.1's, the header, the image) is prompt.
+                content = message["content"]
+                words = content.split(IMAGE_TOKEN)[-1].strip() or content.replace(IMAGE_TOKEN, "").strip()
+                start = longer.rfind(words, len(rendered))
+                if start < len(rendered):
+                    raise RecordError(
+                        "template",
+                        f"the chat template does not show user turn {i}'s text as written",
+                        record_id,
+                    )
+                extend(i, longer[:start], supervised=False)
             extend(i, longer, supervised)
         if add_generation_prompt:
             extend(len(messages) - 1, render(len(messages), add_generation_prompt=True), supervised=False)

@@ -117,6 +117,8 @@ class VisionTower(nn.Module):
                 force_patch_dropout=0.0,  # dropping patches would break the square token grid
             )
         except RuntimeError as err:
+            if "download" in str(err).lower() or "hub" in str(err).lower():
+                raise  # the network, not the config: a retry may succeed
             raise ConfigError(f"vision: cannot build open_clip model {config.model_name!r}: {err}") from err
         visual = clip.visual
         if not isinstance(visual, VisionTransformer) or getattr(visual, "attn_pool", None) is not None:

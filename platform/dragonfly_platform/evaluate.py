@@ -190,21 +190,22 @@ def fetched_model(
         return
     if download_dir:
         os.makedirs(download_dir, exist_ok=True)
-    local = tempfile.mkdtemp(prefix="dragonfly-model-", dir=download_dir)
+    root = tempfile.mkdtemp(prefix="dragonfly-model-", dir=download_dir)
     try:
         if is_s3(uri):
             import pyarrow.fs
 
-            pyarrow.fs.copy_files(strip_scheme(uri), local, source_filesystem=storage.pyarrow_filesystem(uri))
-        else:
+            pyarrow.fs.copy_files(strip_scheme(uri), root, source_filesystem=storage.pyarrow_filesystem(uri))
+            local = root
+        else:  # MLflow downloads into a subfolder of root named after the artifact path
             import mlflow.artifacts
 
             local = mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=local, tracking_uri=tracking_uri
+                artifact_uri=uri, dst_path=root, tracking_uri=tracking_uri
             )
         yield weights_dir(local)
     finally:
-        shutil.rmtree(local, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def load_model(

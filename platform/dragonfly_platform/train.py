@@ -140,13 +140,19 @@ def _export_model_config(init_dir: str):
 def prepare_run(cfg: RunConfig) -> PreparedRun:
     """Driver-side setup before any worker starts: the MLflow run (found or created) and the processor
     written into ``<run>/processor`` where every worker (and the data pipeline) reads it."""
-    from dragonfly_platform.evaluate import fetched_model
+    from dragonfly_platform.evaluate import describe_model, fetched_model
     from dragonfly_platform.tracking import resolve_mlflow_run
 
     cfg = cfg.with_absolute_paths()
     tracking_uri = cfg.tracking_uri()  # an S3 run without an MLflow server fails here, before any work
     storage = run_storage(cfg)
     init_from = cfg.train.init_from
+    if init_from is not None and init_from.startswith("models:/"):
+        # An alias moves (promotion): the processor here and the weights in every worker and retry
+        # must come from one version, and the run's params must say which.
+        init_from = describe_model(init_from, tracking_uri).pinned_uri
+        log.info("train.init_from %s is %s", cfg.train.init_from, init_from)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": init_from})})
     init = fetched_model(init_from, storage, tracking_uri) if init_from else contextlib.nullcontext()
     with init as init_dir:
         processor = build_processor(cfg, init_dir)
@@ -203,9 +209,7 @@ def build_trainer(cfg: RunConfig, callbacks: list | tuple = (), prepared: Prepar
 
     prepared = prepared or prepare_run(cfg)
     storage_path, storage_fs = ray_storage(cfg.run.storage_path, run_storage(cfg))
-    tags = CheckpointTags(
-        cfg.tracking_uri(), prepared.mlflow_run_id, cfg.run_dir(), cfg.train.keep_checkpoints
-    )
+    tags = CheckpointTags(cfg.tracking_uri(), prepared.mlflow_run_id, cfg.run_dir(), run_storage(cfg))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=prepared.to_dict(),

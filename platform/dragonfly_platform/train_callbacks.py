@@ -8,8 +8,8 @@
   hands the original error back to the caller.
 - ``CheckpointTags``: the MLflow tags that point at the run's checkpoints. The controller hears of a
   checkpoint once every rank has uploaded its part (also with asynchronous uploads), so a tag never
-  names a checkpoint that is still being written, and tags of checkpoints that Ray has deleted
-  (``train.keep_checkpoints``) are removed.
+  names a checkpoint that is still being written; tags of checkpoint folders that are gone (Ray
+  keeps ``train.keep_checkpoints``) are removed.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ray.train import UserCallback
 
 from dragonfly.config import ConfigError
 from dragonfly_platform.data import TooManyBadRecords
+from dragonfly_platform.storage import StorageConfig, strip_scheme
 
 log = logging.getLogger("dragonfly.train")
 
@@ -40,10 +41,10 @@ class StopOnPermanentError(UserCallback):
 
 class CheckpointTags(UserCallback):
     """``checkpoint.latest`` and ``checkpoint.<folder name>`` tags on the run's MLflow run, for the
-    checkpoints that exist (Ray keeps the newest ``keep`` folders)."""
+    checkpoint folders that exist (Ray deletes evicted ones before this callback hears of the new one)."""
 
-    def __init__(self, tracking_uri: str, run_id: str, run_dir: str, keep: int):
-        self.tracking_uri, self.run_id, self.run_dir, self.keep = tracking_uri, run_id, run_dir, keep
+    def __init__(self, tracking_uri: str, run_id: str, run_dir: str, storage: StorageConfig):
+        self.tracking_uri, self.run_id, self.run_dir, self.storage = tracking_uri, run_id, run_dir, storage
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if checkpoint is None:
@@ -62,8 +63,10 @@ class CheckpointTags(UserCallback):
         client.log_batch(
             self.run_id, tags=[RunTag(LATEST_CHECKPOINT_TAG, uri), RunTag(f"checkpoint.{name}", uri)]
         )
-        tagged = sorted(
-            k for k in client.get_run(self.run_id).data.tags if k.startswith(CHECKPOINT_TAG_PREFIX)
+        listing = self.storage.filesystem(self.run_dir).ls(
+            strip_scheme(self.run_dir), detail=False, refresh=True
         )
-        for stale in tagged[: -self.keep]:  # zero-padded step numbers: name order is step order
-            client.delete_tag(self.run_id, stale)
+        present = {path.rstrip("/").rsplit("/", 1)[-1] for path in listing}
+        for tag in client.get_run(self.run_id).data.tags:
+            if tag.startswith(CHECKPOINT_TAG_PREFIX) and tag.removeprefix("checkpoint.") not in present:
+                client.delete_tag(self.run_id, tag)

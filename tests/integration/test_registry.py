@@ -236,7 +236,7 @@ def test_a_held_lock_refuses_and_a_stale_one_is_taken_over(client, runs):
     assert LOCK_TAG not in client.get_registered_model(name).tags
 
 
-def test_registered_pyfunc_model_loads_and_answers(client, runs, export_dir, tmp_path):
+def test_registered_pyfunc_model_loads_and_answers(client, runs, export_dir, tmp_path, tiny_run_config):
     import mlflow.pyfunc
     import numpy as np
     import pandas as pd
@@ -282,3 +282,16 @@ def test_registered_pyfunc_model_loads_and_answers(client, runs, export_dir, tmp
     assert not Path(init_dir).exists()  # the download is removed
     assert loaded.keys() == model.state_dict().keys()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    # A run's driver pins the alias once, so its processor, every worker and every retry load one
+    # version (promotion may move the alias meanwhile), and the run's params name it.
+    from dragonfly_platform.config import parse_run_config
+    from dragonfly_platform.train import prepare_run
+
+    raw = tiny_run_config(str(tmp_path / "runs"), "from-registry", EXPERIMENT)
+    del raw["model"]
+    raw["processor"] = {"max_length": 1024}
+    raw["train"]["init_from"] = f"models:/{name}@{CHAMPION}"
+    prepared = prepare_run(parse_run_config(raw))
+    assert prepared.run_config.train.init_from == f"models:/{name}/1"
+    written = DragonflyProcessor.from_pretrained(prepared.processor_dir)
+    assert written.tokenizer.get_vocab() == processor.tokenizer.get_vocab()

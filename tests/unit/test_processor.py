@@ -183,9 +183,15 @@ def test_templates_with_a_default_preamble_still_give_exact_spans(tokenizer):
     # Training on user turns adds their words, never BOS, the template's preamble or the headers.
     with_users = DragonflyProcessor(tok, SMALL_ZOOM, SMALL_TOKENS, train_on_user_turns=True)
     sample = with_users.encode(CONVERSATION, has_image=True)
-    texts = [m["value"].removeprefix("<image>") + EOT for m in CONVERSATION]
+    texts = [m["value"].removeprefix("<image>\n") + EOT for m in CONVERSATION]
     assert supervised_texts(with_users, sample["labels"]) == texts
     np.testing.assert_array_equal(sample["input_ids"], expanded_reference(with_users, CONVERSATION))
+    # The same with the released prompt, whose first user turn carries the system prompt.
+    released = DragonflyProcessor(
+        build_tiny_tokenizer(), SMALL_ZOOM, SMALL_TOKENS, train_on_user_turns=True, chat_template="released"
+    )
+    system = {"from": "system", "value": "Answer briefly."}
+    assert supervised_texts(released, released.encode([system, *CONVERSATION], True)["labels"]) == texts
 
 
 def test_template_that_rewrites_earlier_turns_is_refused(tokenizer):
@@ -227,6 +233,10 @@ def test_released_template_renders_the_released_prompt(tmp_path):
         ids[: processor.layout.positions] == processor.image_token_id
     ).all()  # the block opens the sequence
     assert supervised_texts(processor, sample["labels"]) == [a + EOT for a in ANSWERS[:2]]
+    blank_system = {"from": "system", "value": " "}  # adds nothing, not even a space
+    assert processor.decode(
+        processor.encode([blank_system, *CONVERSATION[:2]], True)["input_ids"]
+    ).startswith(f"<image><|begin_of_text|>{head}What is in the picture?")
     prompt = processor.decode(processor.encode_prompt(chat(CONVERSATION[:1]), has_image=True))
     assert prompt == f"<image><|begin_of_text|>{head}What is in the picture?{EOT}{answer}"
     assert processor.decode(processor.encode(CONVERSATION[2:4], has_image=False)["input_ids"]).startswith(
