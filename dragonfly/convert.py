@@ -70,7 +70,8 @@ _TOP_RENAMES = {
 # The released crops and image block: R = 336, all three levels; one CLS and one image newline per crop.
 RELEASED_ZOOM = ZoomConfig()
 RELEASED_TOKENS = TokenConfig(keep_cls=True, separator=True)
-# <|reserved_special_token_1|> in Llama-3's tokenizer: the released processor's image newline.
+# The released processor's image newline, and its id in Llama-3's tokenizer.
+RELEASED_IMAGE_NEWLINE_TOKEN = "<|reserved_special_token_1|>"
 RELEASED_IMAGE_NEWLINE_ID = 128003
 # Buffers some checkpoints carry that are recomputed at build time.
 _IGNORED = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$")
@@ -265,9 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--image-newline-id",
         type=int,
-        default=RELEASED_IMAGE_NEWLINE_ID,
-        help="token whose embedding the released model puts after each crop (default: Llama-3's "
-        "<|reserved_special_token_1|>, %(default)s)",
+        help=f"token whose embedding the released model puts after each crop (default: the id of "
+        f"{RELEASED_IMAGE_NEWLINE_TOKEN} in SRC's tokenizer, else {RELEASED_IMAGE_NEWLINE_ID})",
     )
     args = parser.parse_args(argv)
     config = DragonflyConfig.from_json(args.config.read_text()) if args.config else None
@@ -292,8 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"<image> is id {processor.image_token_id} in SRC's tokenizer but {config.image_token_id} in the config"
         )
+    newline_id = args.image_newline_id
+    if newline_id is None:
+        in_tokenizer = (
+            processor.tokenizer.get_vocab().get(RELEASED_IMAGE_NEWLINE_TOKEN) if processor else None
+        )
+        newline_id = RELEASED_IMAGE_NEWLINE_ID if in_tokenizer is None else in_tokenizer
     model = DragonflyModel(config, load_weights=False)
-    report = load_released_state_dict(model, load_safetensors_dir(args.src), args.image_newline_id)
+    report = load_released_state_dict(model, load_safetensors_dir(args.src), newline_id)
     model.save_pretrained(args.dst)
     if processor is not None:
         processor.save_pretrained(args.dst)
@@ -318,6 +324,7 @@ if __name__ == "__main__":
 __all__ = [
     "ConversionReport",
     "RELEASED_IMAGE_NEWLINE_ID",
+    "RELEASED_IMAGE_NEWLINE_TOKEN",
     "clip_vision_to_open_clip",
     "load_clip_vision_weights",
     "load_released_state_dict",

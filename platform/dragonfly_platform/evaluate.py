@@ -117,13 +117,18 @@ class ModelRef:
     registered: tuple[str, str] | None = None  # (registered model, version)
 
 
-def describe_model(uri: str, tracking_uri: str | None = None) -> ModelRef:
+def describe_model(
+    uri: str, tracking_uri: str | None = None, storage: StorageConfig | None = None
+) -> ModelRef:
     """Resolve registry aliases and find the producing run, without downloading anything. A local
-    folder that holds no model, or a registry name, alias or version that does not exist, is a
-    ``FileNotFoundError`` here, on the driver, before any replica starts."""
+    folder that holds no model, an ``s3://`` prefix with nothing under it (checked when ``storage``
+    is given), or a registry name, alias or version that does not exist, is a ``FileNotFoundError``
+    here, on the driver, before any replica starts."""
     if uri.startswith("runs:/"):
         return ModelRef(uri, uri, uri.removeprefix("runs:/").split("/", 1)[0])
     if not uri.startswith("models:/"):
+        if is_s3(uri) and storage is not None and not storage.filesystem(uri).exists(strip_scheme(uri)):
+            raise FileNotFoundError(f"model {uri}: nothing is stored under this prefix")
         if not uri.startswith(MLFLOW_SCHEMES) and not is_s3(uri):
             if not os.path.isdir(uri):
                 raise FileNotFoundError(f"model {uri}: no such folder")
@@ -443,7 +448,7 @@ def evaluate_model(
     s3://) also receives the table."""
     if log_to not in ("auto", "new", "none"):
         raise ValueError(f"log_to must be auto, new or none, got {log_to!r}")
-    model = describe_model(model_uri, tracking_uri)
+    model = describe_model(model_uri, tracking_uri, cfg.storage)
     records = read_manifest(cfg.data, cfg.storage)[: cfg.limit]
     root = cfg.image_root if cfg.image_root is not None else parent(cfg.data)
     table = predict_rows([eval_row(i, r, root) for i, r in enumerate(records)], model, cfg, tracking_uri)

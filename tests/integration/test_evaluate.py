@@ -91,9 +91,9 @@ def test_weights_dir_names_what_it_expected(tmp_path):
         weights_dir(str(tmp_path))
 
 
-def test_a_model_that_is_not_there_is_bad_input(client, ray_cluster, demo, tmp_path, capsys):
+def test_a_model_that_is_not_there_is_bad_input(client, ray_cluster, s3_env, demo, tmp_path, capsys):
     """Exit 2 with the reason, found on the driver: a registry name (case-sensitive), alias or
-    version that does not exist, and a folder without a model."""
+    version that does not exist, a folder without a model, an S3 prefix with nothing under it."""
     job = load_job("evaluate")
     args = ["--data", demo["val_manifest"], "--tracking-uri", client.tracking_uri, "--no-log"]
     name = f"Dragonfly-{uuid.uuid4().hex[:6]}"
@@ -103,6 +103,7 @@ def test_a_model_that_is_not_there_is_bad_input(client, ray_cluster, demo, tmp_p
         (f"models:/{name}@champion", "alias champion not found"),
         (f"models:/{name}/3", f"Model Version \\(name={name}, version=3\\) not found"),
         (str(tmp_path), "neither a Dragonfly export"),
+        ("s3://test-bucket/no-such-model", "nothing is stored under this prefix"),
     ]:
         assert job.main(["--model", model, *args]) == 2, model
         assert re.search(f"error: (model )?{re.escape(model)}:? .*{reason}", capsys.readouterr().err), model

@@ -11,6 +11,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 
 from dragonfly.config import ConfigError
 from dragonfly.convert import (
+    RELEASED_IMAGE_NEWLINE_TOKEN,
     clip_vision_to_open_clip,
     convert_released_checkpoint,
     load_clip_vision_weights,
@@ -56,9 +57,9 @@ def released_layout(hf_clip: CLIPVisionModel, llm: LlamaForCausalLM, projector: 
     return state
 
 
-def tiny_llm(seed: int = 1) -> LlamaForCausalLM:
+def tiny_llm(seed: int = 1, vocab: int = VOCAB) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    settings = tiny_llama_config(VOCAB)
+    settings = tiny_llama_config(vocab)
     settings.pop("model_type")
     return LlamaForCausalLM(LlamaConfig(**settings)).eval()
 
@@ -187,17 +188,22 @@ def test_cli_converts_a_sharded_checkpoint(tmp_path):
 def test_cli_with_the_released_tokenizer_writes_a_complete_export(tmp_path):
     """With the tokenizer in SRC (as in the released repositories) the output is an export that
     evaluation and init_from load as is: weights plus a processor with the released prompt."""
-    *_, state = _released_fixture()
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [RELEASED_IMAGE_NEWLINE_TOKEN]})
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    newline_id = tokenizer.convert_tokens_to_ids(RELEASED_IMAGE_NEWLINE_TOKEN)  # not given: read from SRC
+    vocab = len(tokenizer)
+    llm = tiny_llm(vocab=vocab)
+    torch.manual_seed(2)
+    state = released_layout(tiny_hf_clip(), llm, torch.nn.Linear(VIT["width"], llm.config.hidden_size))
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(src / "model.safetensors"))
-    tokenizer = build_tiny_tokenizer()
     tokenizer.save_pretrained(src)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     for image_token_id, status in ((IMAGE_ID, 2), (image_id, 0)):
         config_path = tmp_path / f"ours-{image_token_id}.json"
-        config_path.write_text(DragonflyConfig.tiny(VOCAB, image_token_id).to_json())
-        args = [str(src), str(dst), "--config", str(config_path), "--image-newline-id", str(NEWLINE_ID)]
+        config_path.write_text(DragonflyConfig.tiny(vocab, image_token_id).to_json())
+        args = [str(src), str(dst), "--config", str(config_path)]
         if status:  # the config's <image> id is not the tokenizer's: refused before any work
             with pytest.raises(SystemExit) as exit_info:
                 main(args)
@@ -206,7 +212,9 @@ def test_cli_with_the_released_tokenizer_writes_a_complete_export(tmp_path):
             assert main(args) == 0
     processor = DragonflyProcessor.from_pretrained(dst)
     assert processor.chat_template == "released" and processor.image_token_id == image_id
-    assert DragonflyModel.from_pretrained(dst).config.image_token_id == image_id
+    model = DragonflyModel.from_pretrained(dst)
+    assert model.config.image_token_id == image_id
+    assert torch.equal(model.projector.separator, llm.get_input_embeddings().weight[newline_id])
 
 
 def test_released_config_has_the_released_layout():
