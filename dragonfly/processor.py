@@ -118,9 +118,9 @@ class DragonflyProcessor:
     ``max_length`` bounds training sequences: later turns are dropped whole to fit; a record whose
     first exchange (with the image block) does not fit raises ``RecordError("too_long")``.
     ``chat_template`` replaces the tokenizer's: ``"released"`` (the released Dragonfly's prompt, for
-    converted checkpoints) or a Jinja template. ``train_on_user_turns`` also supervises the text of user turns (the released code's
-    behaviour; the template's headers and preamble stay unsupervised); image positions are never
-    supervised.
+    converted checkpoints) or a Jinja template. ``train_on_user_turns`` also supervises the text of
+    user turns (the released code's behaviour; the template's headers and preamble stay
+    unsupervised); image positions are never supervised.
     """
 
     def __init__(

@@ -48,6 +48,7 @@ from dragonfly_platform.registry import WEIGHTS_ARTIFACT
 from dragonfly_platform.storage import (
     RECORD_READ_ERRORS,
     StorageConfig,
+    fetched_dir,
     is_s3,
     join,
     parent,
@@ -130,8 +131,6 @@ def describe_model(
         if is_s3(uri) and storage is not None and not storage.filesystem(uri).exists(strip_scheme(uri)):
             raise FileNotFoundError(f"model {uri}: nothing is stored under this prefix")
         if not uri.startswith(MLFLOW_SCHEMES) and not is_s3(uri):
-            if not os.path.isdir(uri):
-                raise FileNotFoundError(f"model {uri}: no such folder")
             weights_dir(uri)  # raises naming what it expected to find
         return ModelRef(uri, uri, None)
     from mlflow.exceptions import MlflowException
@@ -163,6 +162,8 @@ def describe_model(
 
 def weights_dir(path: str) -> str:
     """The ``save_pretrained`` folder inside ``path``: itself, or an MLflow model's weights artifact."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model {path}: no such folder")
     if all(os.path.isfile(os.path.join(path, f)) for f in EXPORT_FILES):
         return path
     mlmodel = os.path.join(path, "MLmodel")
@@ -188,26 +189,20 @@ def fetched_model(
     model folder) in place; an ``s3://`` prefix or an MLflow URI (``runs:/<id>/model``,
     ``models:/<name>@<alias>``: the registered pyfunc's weights) downloaded into a fresh folder under
     ``download_dir`` and removed afterwards (an 8B model is 16 GB, fetched by every worker)."""
-    if not uri.startswith(MLFLOW_SCHEMES) and not is_s3(uri):
-        if not os.path.isdir(uri):
-            raise FileNotFoundError(f"model {uri}: no such folder")
-        yield weights_dir(uri)
+    if not uri.startswith(MLFLOW_SCHEMES):
+        with fetched_dir(uri, storage, download_dir) as folder:
+            yield weights_dir(folder)
         return
     if download_dir:
         os.makedirs(download_dir, exist_ok=True)
     root = tempfile.mkdtemp(prefix="dragonfly-model-", dir=download_dir)
     try:
-        if is_s3(uri):
-            import pyarrow.fs
+        import mlflow.artifacts
 
-            pyarrow.fs.copy_files(strip_scheme(uri), root, source_filesystem=storage.pyarrow_filesystem(uri))
-            local = root
-        else:  # MLflow downloads into a subfolder of root named after the artifact path
-            import mlflow.artifacts
-
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=root, tracking_uri=tracking_uri
-            )
+        # MLflow downloads into a subfolder of root named after the artifact path.
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=root, tracking_uri=tracking_uri
+        )
         yield weights_dir(local)
     finally:
         shutil.rmtree(root, ignore_errors=True)

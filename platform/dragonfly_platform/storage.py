@@ -13,8 +13,11 @@ stops: skipping every record of an unreachable bucket would only hide the outage
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import tempfile
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlparse
@@ -185,6 +188,23 @@ def _s3fs(anon, endpoint, region, key, secret, token, retries, connect_timeout, 
     )
 
 
+@contextlib.contextmanager
+def fetched_dir(url: str, storage: StorageConfig, download_dir: str | None = None) -> Iterator[str]:
+    """A local folder holding ``url`` (a local folder or an ``s3://`` prefix) for the duration:
+    itself when local, else a download into a temporary folder (under ``download_dir``) that is
+    removed afterwards. Models also come from MLflow URIs: ``evaluate.fetched_model``."""
+    if not is_s3(url):
+        if not os.path.isdir(url):
+            raise FileNotFoundError(f"{url}: no such folder")
+        yield url
+        return
+    if download_dir:
+        os.makedirs(download_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dragonfly-fetch-", dir=download_dir) as local:
+        pyarrow.fs.copy_files(strip_scheme(url), local, source_filesystem=storage.pyarrow_filesystem(url))
+        yield local
+
+
 def is_s3(url: str) -> bool:
     return url.startswith("s3://")
 
@@ -217,6 +237,7 @@ __all__ = [
     "StorageUnavailableError",
     "RECORD_READ_ERRORS",
     "read_error_reason",
+    "fetched_dir",
     "is_s3",
     "is_absolute",
     "strip_scheme",

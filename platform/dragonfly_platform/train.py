@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from dragonfly_platform.config import ConfigError, RunConfig
-from dragonfly_platform.storage import StorageConfig, is_s3, strip_scheme
+from dragonfly_platform.storage import StorageConfig, fetched_dir, is_s3, strip_scheme
 
 log = logging.getLogger("dragonfly.train")
 
@@ -64,23 +64,6 @@ def publish_dir(local_dir: str, url: str, storage: StorageConfig) -> None:
         )
     else:
         shutil.copytree(local_dir, url, dirs_exist_ok=True)
-
-
-@contextlib.contextmanager
-def fetched_dir(url: str, storage: StorageConfig) -> Iterator[str]:
-    """A local folder holding ``url`` (a local folder or an ``s3://`` prefix) for the duration:
-    itself when local, else a download into a temporary folder that is removed afterwards. Models
-    (``train.init_from``) come through ``evaluate.fetched_model``, which also reads MLflow URIs."""
-    if not is_s3(url):
-        if not os.path.isdir(url):
-            raise FileNotFoundError(f"{url}: no such folder")
-        yield url
-        return
-    import pyarrow.fs
-
-    with tempfile.TemporaryDirectory(prefix="dragonfly-fetch-") as local:
-        pyarrow.fs.copy_files(strip_scheme(url), local, source_filesystem=storage.pyarrow_filesystem(url))
-        yield local
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,8 +191,9 @@ def build_trainer(cfg: RunConfig, callbacks: list | tuple = (), prepared: Prepar
     from dragonfly_platform.train_callbacks import CheckpointTags, StopOnPermanentError
 
     prepared = prepared or prepare_run(cfg)
-    storage_path, storage_fs = ray_storage(cfg.run.storage_path, run_storage(cfg))
-    tags = CheckpointTags(cfg.tracking_uri(), prepared.mlflow_run_id, cfg.run_dir(), run_storage(cfg))
+    storage = run_storage(cfg)
+    storage_path, storage_fs = ray_storage(cfg.run.storage_path, storage)
+    tags = CheckpointTags(cfg.tracking_uri(), prepared.mlflow_run_id, cfg.run_dir(), storage)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=prepared.to_dict(),
@@ -758,7 +742,6 @@ __all__ = [
     "PreparedRun",
     "TrainState",
     "publish_dir",
-    "fetched_dir",
     "ray_storage",
     "fit",
 ]
