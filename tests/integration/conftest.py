@@ -23,6 +23,10 @@ from dragonfly_platform.services import (
 
 # Keep the Ray instance on loopback; it has to be in the environment before `ray` is imported.
 os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
+# Ray Train starts a spot-preemption watcher actor with every worker group (one more process on two
+# cores, ~20 times a session); a loopback node is never preempted. Controllers read the driver's
+# value, job drivers started from here inherit it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 TEST_BUCKET = "test-bucket"
 TINY_RECIPE = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "tiny_stage1.yaml"

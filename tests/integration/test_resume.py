@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -112,8 +111,9 @@ def test_killed_worker_then_killed_job_each_resume_and_end_like_an_uninterrupted
     finally:
         first.kill()
         first.wait()
-    # The job's actors die with their driver; give Ray a moment to release their CPUs.
-    time.sleep(5)
+    # The job's actors die with their driver; the rerun starts once Ray has their CPUs back.
+    total = ray.cluster_resources()["CPU"]
+    assert wait_until(lambda: ray.available_resources().get("CPU", 0) == total, timeout=60)
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]

@@ -1,11 +1,12 @@
-"""Ray Tune sweeps end to end on the session's Ray cluster and MLflow server, on the demo data: a tiny
-sweep interrupted (Ctrl-C) after its first trial publishes nothing, continues when rerun and ends
-with one MLflow parent, one child per trial, the results table and the plot; ASHA stops a planted
-bad trial of a sweep on S3."""
+"""A Ray Tune sweep end to end on the session's Ray cluster, MLflow server and S3 server, on the demo
+data: interrupted (Ctrl-C) after its first trial it publishes nothing; rerun, it continues, ASHA stops
+a planted bad trial, and it ends with one MLflow parent, one child per trial, the results table and
+the plot. One sweep serves all of it: each trial costs a Ray Train run."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -26,8 +27,9 @@ from dragonfly_platform.sweep_config import (
     load_base,
     load_sweep_config,
     resolve_trial_config,
+    sweep_storage_dir,
 )
-from dragonfly_platform.tune import EXACT_MATCH, ROLE_TAG, SWEEP_DIR_TAG, run_sweep
+from dragonfly_platform.tune import EXACT_MATCH, ROLE_TAG, SWEEP_DIR_TAG
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_BASE = str(REPO / "jobs" / "configs" / "tiny_stage1.yaml")
@@ -84,18 +86,15 @@ def sweep_runs(client: MlflowClient, experiment: str):
     return parents, children
 
 
-def assert_sweep_logged(client: MlflowClient, sweep, experiment: str, rows: list[dict], results: Path):
+def assert_sweep_logged(client: MlflowClient, sweep, experiment: str, rows: list[dict], results: dict):
     """One MLflow parent and one child per trial, each child with its trial's params, image tokens,
-    TFLOPs and metrics; the results table, JSON and plot agree with the trials, locally and on the
-    parent run."""
-    assert len(rows) == 2 and all(r["status"] == "complete" for r in rows), rows
-    assert all(r["reports"] == 2 for r in rows)  # steps 2 and 4, each with a validation loss
-
+    TFLOPs, metrics and ending; the results table, JSON and plot (``results``: their bytes) agree
+    with the trials, in the sweep folder and on the parent run."""
     parents, children = sweep_runs(client, experiment)
-    assert len(parents) == 1 and len(children) == 2
+    assert len(parents) == 1 and len(children) == len(rows)
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep.status"] == "finished"
-    assert parent.data.tags[SWEEP_DIR_TAG] == str(results.parent)
+    assert parent.data.tags[SWEEP_DIR_TAG] == sweep_storage_dir(sweep, load_base(sweep))
     assert parent.data.params["sweep.algorithm"] == "grid"
 
     base = load_base(sweep)
@@ -104,7 +103,7 @@ def assert_sweep_logged(client: MlflowClient, sweep, experiment: str, rows: list
     for child in children:
         row = by_run[child.info.run_id]
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert child.info.status == "FINISHED"
+        assert child.info.status == ("FINISHED" if row["status"] == "complete" else "KILLED"), row
         params = child.data.params
         levels = yaml.safe_load(params["sweep.model.zoom.levels"])
         assert levels == row["model.zoom.levels"]
@@ -119,83 +118,41 @@ def assert_sweep_logged(client: MlflowClient, sweep, experiment: str, rows: list
         report = config_report(model.zoom, model.tokens)
         assert int(params[IMAGE_TOKENS]) == report["image_tokens"] == row[IMAGE_TOKENS]
         assert child.data.metrics[TFLOPS] == pytest.approx(report["total_flops"] / 1e12)
-        # Metrics agree between Tune's results and the child run.
+        # Metrics agree between Tune's results and the child run; exact match only once trained.
         assert child.data.metrics["val_loss"] == pytest.approx(row["val_loss"])
-        assert child.data.metrics[EXACT_MATCH] == pytest.approx(row[EXACT_MATCH])
-        assert 0.0 <= row[EXACT_MATCH] <= 1.0
-    # L+M with 4 medium tokens, L+H with the tiny default 1: 16 + 4*4, 16 + 36*1.
-    assert sorted(r[IMAGE_TOKENS] for r in rows) == [32, 52]
+        if row["status"] == "complete":
+            assert child.data.metrics[EXACT_MATCH] == pytest.approx(row[EXACT_MATCH])
+            assert 0.0 <= row[EXACT_MATCH] <= 1.0
+        else:
+            assert row[EXACT_MATCH] is None and EXACT_MATCH not in child.data.metrics
 
-    # The results table and the plot, locally and on the parent run, agree with the trials.
-    with open(results / "results.csv") as f:
-        table = {r["mlflow_run_id"]: r for r in csv.DictReader(f)}
+    # The results table and the plot, in the sweep folder and on the parent run, agree with the trials.
+    table = {r["mlflow_run_id"]: r for r in csv.DictReader(io.StringIO(results["results.csv"].decode()))}
     assert set(table) == set(by_run)
     for run_id, row in table.items():
         assert float(row["val_loss"]) == pytest.approx(by_run[run_id]["val_loss"])
-        assert float(row[EXACT_MATCH]) == pytest.approx(by_run[run_id][EXACT_MATCH])
         assert int(row[IMAGE_TOKENS]) == by_run[run_id][IMAGE_TOKENS]
+        if by_run[run_id][EXACT_MATCH] is not None:
+            assert float(row[EXACT_MATCH]) == pytest.approx(by_run[run_id][EXACT_MATCH])
     assert any(r["pareto_tokens"] == "True" for r in table.values())
-    assert (results / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results["pareto.png"][:8] == b"\x89PNG\r\n\x1a\n"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
     assert artifacts == {"results/results.csv", "results/results.json", "results/pareto.png"}
-    saved = json.loads(
-        Path(
-            client.download_artifacts(parent.info.run_id, "results/results.json", str(results.parent))
-        ).read_text()
-    )
+    saved = json.loads(results["results.json"])
     assert {t["mlflow_run_id"]: t["val_loss"] for t in saved["trials"]} == {
         k: r["val_loss"] for k, r in by_run.items()
     }
 
 
-def test_asha_stops_a_planted_bad_trial_of_a_sweep_on_s3(
-    ray_cluster, mlflow_server, s3_server, demo_data, tmp_path
-):
-    """On S3 as on a cluster, with the endpoint and keys in the sweep's config only (this driver's
-    environment has none): Tune's state, the trials' Train runs and the results go through them."""
-    import s3fs
-
-    assert not {"AWS_ACCESS_KEY_ID", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"} & set(os.environ)
-    options = s3_server.storage_options()
-    storage = {
-        "data.storage.endpoint_url": s3_server.endpoint_url,
-        "data.storage.access_key": options["key"],
-        "data.storage.secret_key": options["secret"],
-    }
-    prefix = f"test-bucket/sweeps-{tmp_path.name}"
-    # The good trial runs first (one trial at a time), so the bad one meets its record at rung 1.
-    # A learning rate of 1e-9 leaves the validation loss where it started.
-    path = write_sweep(
-        tmp_path,
-        demo_data,
-        mlflow_server.tracking_uri,
-        overrides={"train.max_steps": 6, **storage},
-        search={"train.lr": {"grid": [2.0e-3, 1.0e-9]}},
-        scheduler={"type": "asha", "grace_period": 1, "max_t": 3, "reduction_factor": 2},
-        max_concurrent_trials=1,
-        storage_path=f"s3://{prefix}",
-    )
-    rows, _ = run_sweep(load_sweep_config(path))
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
-    stored = [p.removeprefix(f"{prefix}/sweeps/tiny/") for p in fs.find(f"{prefix}/sweeps/tiny")]
-    assert any(p.startswith("experiment_state-") for p in stored), stored[:20]  # Tune's state
-    assert {"results/results.csv", "results/results.json", "results/pareto.png"} <= set(stored)
-    assert any(p.startswith("trials/") and "/checkpoint_step_" in p for p in stored)
-    by_lr = {r["train.lr"]: r for r in rows}
-    good, bad = by_lr[2.0e-3], by_lr[1.0e-9]
-    assert good["status"] == "complete" and good["reports"] == 3
-    assert bad["status"] == "stopped_early" and bad["reports"] == 1, bad
-    assert bad["val_loss"] > good["val_loss"]
-    client = MlflowClient(mlflow_server.tracking_uri)
-    stopped = client.get_run(bad["mlflow_run_id"])
-    assert stopped.info.status == "KILLED" and stopped.data.tags["sweep.status"] == "stopped_early"
-
-
-def _first_trial_terminated(sweep_dir: Path) -> bool:
+def _first_trial_terminated(fs, sweep_dir: str) -> bool:
     """Tune's saved experiment state (what a restore reads) shows a trial TERMINATED."""
-    for state in sweep_dir.glob("experiment_state-*.json"):
+    try:
+        states = [p for p in fs.ls(sweep_dir, refresh=True) if "/experiment_state-" in p]
+    except FileNotFoundError:
+        return False
+    for state in states:
         try:
-            trials = json.loads(state.read_text())["trial_data"]
+            trials = json.loads(fs.cat(state))["trial_data"]
         except (OSError, ValueError):
             continue  # being rewritten
         if any(json.loads(trial)["status"] == "TERMINATED" for trial, _ in trials):
@@ -203,35 +160,55 @@ def _first_trial_terminated(sweep_dir: Path) -> bool:
     return False
 
 
-def test_an_interrupted_sweep_publishes_nothing_then_resumes_and_logs_one_parent_children_table_and_plot(
-    ray_cluster, mlflow_server, demo_data, tmp_path
+def test_a_sweep_on_s3_interrupted_publishes_nothing_then_resumes_stops_a_bad_trial_and_logs_it_all(
+    ray_cluster, mlflow_server, s3_server, demo_data, tmp_path
 ):
+    """Three trials, one at a time: zoom levels L+M with 4 medium tokens, then L+H at a good and at
+    a planted bad learning rate (1e-9 leaves the validation loss where it started). Ctrl-C once the
+    first has finished; the rerun runs the other two, and ASHA stops the bad one at its first rung,
+    against the good one. On S3 as on a cluster, with the endpoint and keys in the sweep's config
+    only (the driver's environment has none): Tune's state, the trials' Train runs and the results
+    all go through them."""
+    import s3fs
+
+    options = s3_server.storage_options()
+    prefix = f"test-bucket/sweeps-{tmp_path.name}"
     path = write_sweep(
         tmp_path,
         demo_data,
         mlflow_server.tracking_uri,
+        overrides={
+            "train.max_steps": 6,
+            "data.storage.endpoint_url": s3_server.endpoint_url,
+            "data.storage.access_key": options["key"],
+            "data.storage.secret_key": options["secret"],
+        },
         search=[
             {"model.zoom.levels": {"grid": [["low", "medium"]]}, "model.tokens.tokens.medium": {"grid": [4]}},
-            {"model.zoom.levels": {"grid": [["low", "high"]]}},
+            {"model.zoom.levels": {"grid": [["low", "high"]]}, "train.lr": {"grid": [2.0e-3, 1.0e-9]}},
         ],
+        scheduler={"type": "asha", "grace_period": 1, "max_t": 3, "reduction_factor": 2},
         exact_match_samples=4,
         report_metric=EXACT_MATCH,
         report_mode="max",
         max_concurrent_trials=1,
+        storage_path=f"s3://{prefix}",
     )
-    sweep_dir = tmp_path / "runs" / "sweeps" / "tiny"
+    sweep = load_sweep_config(path)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    sweep_dir = f"{prefix}/sweeps/tiny"
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
         "RAY_ADDRESS": ray_cluster.address_info["address"],
-        # Save Tune's state on every loop, so the kill lands after the first trial was recorded.
-        "TUNE_GLOBAL_CHECKPOINT_S": "0",
+        # Save Tune's state every 2 s (not at its adaptive pace), so the kill soon follows the first trial.
+        "TUNE_GLOBAL_CHECKPOINT_S": "2",
     }
     command = [sys.executable, str(REPO / "jobs" / "sweep.py"), "--config", str(path)]
     driver = subprocess.Popen(command, env=env, start_new_session=True)
     try:
         # A guard against hanging forever, not a speed check: loaded CI machines are slow.
         deadline = time.monotonic() + 1200
-        while not _first_trial_terminated(sweep_dir):
+        while not _first_trial_terminated(fs, sweep_dir):
             assert driver.poll() is None, "the sweep ended before it could be interrupted"
             assert time.monotonic() < deadline, "no trial finished within 20 minutes"
             time.sleep(0.5)
@@ -243,7 +220,8 @@ def test_an_interrupted_sweep_publishes_nothing_then_resumes_and_logs_one_parent
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
     client = MlflowClient(mlflow_server.tracking_uri)
-    parents, children = sweep_runs(client, f"sweep-{tmp_path.name}")
+    experiment = f"sweep-{tmp_path.name}"
+    parents, children = sweep_runs(client, experiment)
     finished_first = [c.info.run_id for c in children if c.info.status == "FINISHED"]
     assert len(finished_first) == 1
     # Nothing is published for an interrupted sweep: no trial marked stopped early, no results.
@@ -256,13 +234,30 @@ def test_an_interrupted_sweep_publishes_nothing_then_resumes_and_logs_one_parent
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "resuming from" in rerun.stdout
 
-    parents, children = sweep_runs(client, f"sweep-{tmp_path.name}")
-    assert len(parents) == 1 and len(children) == 2  # the same parent, no third trial run
-    assert all(c.info.status == "FINISHED" for c in children)
-    # The first trial ran once: its validation history has one entry per report (steps 2 and 4).
+    stored = [p.removeprefix(f"{sweep_dir}/") for p in fs.find(sweep_dir)]
+    assert any(p.startswith("experiment_state-") for p in stored), stored[:20]  # Tune's state
+    assert any(p.startswith("trials/") and "/checkpoint_step_" in p for p in stored)
+    results = {
+        name: fs.cat(f"{sweep_dir}/results/{name}") for name in ("results.csv", "results.json", "pareto.png")
+    }
+    rows = json.loads(results["results.json"])["trials"]
+    parents, children = sweep_runs(client, experiment)
+    assert len(parents) == 1 and len(children) == 3  # the same parent, one run per trial
+    # The first trial ran once: its validation history has one entry per report (steps 2, 4, 6).
     history = client.get_metric_history(finished_first[0], "val_loss")
-    assert sorted(m.step for m in history) == [2, 4]
-    rows = json.loads((sweep_dir / "results" / "results.json").read_text())["trials"]
-    assert_sweep_logged(
-        client, load_sweep_config(path), f"sweep-{tmp_path.name}", rows, sweep_dir / "results"
+    assert sorted(m.step for m in history) == [2, 4, 6]
+
+    by_point = {(len(r["model.zoom.levels"]), r["model.zoom.levels"][1], r.get("train.lr")): r for r in rows}
+    first, good, bad = (
+        by_point[(2, "medium", None)],
+        by_point[(2, "high", 2.0e-3)],
+        by_point[(2, "high", 1.0e-9)],
     )
+    assert first["mlflow_run_id"] == finished_first[0]
+    assert first["status"] == good["status"] == "complete" and first["reports"] == good["reports"] == 3
+    assert bad["status"] == "stopped_early" and bad["reports"] == 1, bad
+    assert bad["val_loss"] > good["val_loss"]
+    assert client.get_run(bad["mlflow_run_id"]).data.tags["sweep.status"] == "stopped_early"
+    # L+M with 4 medium tokens, L+H with the tiny default 1: 16 + 4*4, 16 + 36*1.
+    assert (first[IMAGE_TOKENS], good[IMAGE_TOKENS], bad[IMAGE_TOKENS]) == (32, 52, 52)
+    assert_sweep_logged(client, sweep, experiment, rows, results)
