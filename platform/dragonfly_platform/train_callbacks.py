@@ -41,7 +41,8 @@ class StopOnPermanentError(UserCallback):
 
 class CheckpointTags(UserCallback):
     """``checkpoint.latest`` and ``checkpoint.<folder name>`` tags on the run's MLflow run, for the
-    checkpoint folders that exist (Ray deletes evicted ones before this callback hears of the new one)."""
+    checkpoint folders that exist, i.e. hold files (Ray deletes evicted ones before this callback
+    hears of the new one)."""
 
     def __init__(self, tracking_uri: str, run_id: str, run_dir: str, storage: StorageConfig):
         self.tracking_uri, self.run_id, self.run_dir, self.storage = tracking_uri, run_id, run_dir, storage
@@ -63,10 +64,11 @@ class CheckpointTags(UserCallback):
         client.log_batch(
             self.run_id, tags=[RunTag(LATEST_CHECKPOINT_TAG, uri), RunTag(f"checkpoint.{name}", uri)]
         )
-        listing = self.storage.filesystem(self.run_dir).ls(
-            strip_scheme(self.run_dir), detail=False, refresh=True
-        )
-        present = {path.rstrip("/").rsplit("/", 1)[-1] for path in listing}
+        # Folders that hold files: some S3 stores (SeaweedFS) keep listing a deleted folder as an
+        # empty prefix.
+        fs, root = self.storage.filesystem(self.run_dir), strip_scheme(self.run_dir).rstrip("/")
+        fs.invalidate_cache(root)
+        present = {path.removeprefix(f"{root}/").split("/", 1)[0] for path in fs.find(root)}
         for tag in client.get_run(self.run_id).data.tags:
             if tag.startswith(CHECKPOINT_TAG_PREFIX) and tag.removeprefix("checkpoint.") not in present:
                 client.delete_tag(self.run_id, tag)

@@ -41,6 +41,8 @@ EXACT_MATCH = "val_exact_match"
 VALIDATION_ROUND = "validation_round"
 # Set by a trial's last report, after its training finished (ASHA-stopped trials never send it).
 COMPLETE = "trial_complete"
+# Set by the report of a trial that failed in a way no retry can fix; the text of the error.
+TRIAL_ERROR = "trial_error"
 # MLflow tags: the parent run is found again by the sweep folder when a sweep resumes.
 SWEEP_DIR_TAG = "dragonfly.sweep_dir"
 ROLE_TAG = "dragonfly.sweep_role"
@@ -113,6 +115,7 @@ def run_trial(
     from ray import tune
 
     from dragonfly_platform.train import build_trainer, fit, prepare_run
+    from dragonfly_platform.train_callbacks import PERMANENT_ERRORS
 
     context = tune.get_context()
     overrides = trial_overrides(config)
@@ -124,7 +127,19 @@ def run_trial(
     _adopt_child_run(cfg, prepared.mlflow_run_id, parent_run_id, context.get_trial_name(), overrides, budget)
     callback = _report_callback(sweep.metric, budget, cfg.train.checkpoint_every)
     trainer = build_trainer(cfg, callbacks=[callback], prepared=prepared)
-    result = fit(trainer, cfg, prepared)
+    try:
+        result = fit(trainer, cfg, prepared)
+    except PERMANENT_ERRORS as err:
+        # Tune retries a trial that raises, up to max_failures, and this error (a config the workers
+        # reject, data over its bad-record budget) would come back on every attempt, each paying for
+        # a model load. The trial ends here instead, reported with its reason; the results show it
+        # as an error, and fit() has marked its MLflow run FAILED.
+        # Tune wants the sweep metric in every result; None leaves searchers and ASHA unaffected.
+        error = f"{type(err).__name__}: {err}"
+        tune.report(
+            {**budget, sweep.metric: None, "mlflow_run_id": prepared.mlflow_run_id, TRIAL_ERROR: error}
+        )
+        return
     final = {
         **budget,
         sweep.metric: result.metrics.get(sweep.metric),
@@ -367,9 +382,12 @@ def result_rows(grid, sweep: SweepConfig) -> list[dict[str, Any]]:
     rows = []
     for result in grid:
         metrics = result.metrics or {}
+        error = metrics.get(TRIAL_ERROR) or (
+            f"{type(result.error).__name__}: {result.error}" if result.error else None
+        )
         row = {
             "trial_id": metrics.get("trial_id") or Path(result.path).name,
-            "status": "error" if result.error else ("complete" if metrics.get(COMPLETE) else "stopped_early"),
+            "status": "error" if error else ("complete" if metrics.get(COMPLETE) else "stopped_early"),
             "reports": _validation_rounds(result),
             **trial_overrides(result.config),
             IMAGE_TOKENS: metrics.get(IMAGE_TOKENS),
@@ -377,6 +395,7 @@ def result_rows(grid, sweep: SweepConfig) -> list[dict[str, Any]]:
             sweep.metric: metrics.get(sweep.metric),
             EXACT_MATCH: metrics.get(EXACT_MATCH),
             "mlflow_run_id": metrics.get("mlflow_run_id"),
+            "error": error,
         }
         rows.append(row)
     return sorted(rows, key=lambda r: str(r["trial_id"]))

@@ -1,5 +1,6 @@
-"""Faults: a training worker SIGKILLed mid-run and then the whole job killed and rerun, the S3 server
-dying while checkpoints upload. Each run must end where an uninterrupted run ends, with one MLflow run."""
+"""Faults: a training worker SIGKILLed mid-run and then the whole job killed and rerun; the run must end
+where an uninterrupted run ends, with one MLflow run. (The S3 server dying while checkpoints upload is
+the ZeRO-3 run of test_train.py.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 from dragonfly_platform.config import parse_run_config
 from dragonfly_platform.services import wait_until
-from dragonfly_platform.train import run_training
 
 ROOT = Path(__file__).resolve().parents[2]
 # The conftest's tiny run: 2 workers x global batch 8, 2 epochs of 32 rows = 8 steps, 64 samples.
@@ -38,21 +37,6 @@ def mlflow_runs(cfg):
 
 def final_weights(cfg) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(cfg.export_dir(), "model.safetensors"))
-
-
-def in_background(fn, *args):
-    """Run ``fn`` in a thread; returns (thread, outcome dict with "result" or "error")."""
-    outcome: dict = {}
-
-    def target():
-        try:
-            outcome["result"] = fn(*args)
-        except BaseException as err:  # noqa: BLE001 - the test inspects it
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 @pytest.fixture(scope="module")
@@ -129,52 +113,3 @@ def test_killed_worker_then_killed_job_each_resume_and_end_like_an_uninterrupted
     steps = {m.step for m in client.get_metric_history(run_id, "loss")}
     assert steps == set(range(1, STEPS + 1))  # the curve continues to the end, no gap
     assert_same_weights(cfg, baseline)
-
-
-def test_s3_outage_during_checkpoint_upload_fails_clearly_and_resumes_from_a_whole_checkpoint(
-    baseline, tiny_run_config, s3_server, s3_env
-):
-    raw = tiny_run_config("s3://test-bucket/resume-runs", "s3-outage", EXPERIMENT, checkpoint_every=1)
-    raw["data"]["storage"] = {"retries": 2, "connect_timeout_s": 2.0, "read_timeout_s": 5.0}
-    cfg = parse_run_config(raw)
-    fs = cfg.data.storage.filesystem(cfg.run_dir())
-    prefix = cfg.run_dir().removeprefix("s3://")
-
-    def checkpoints() -> list[str]:
-        try:
-            return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(prefix, refresh=True) if "checkpoint_step" in p)
-        except FileNotFoundError:
-            return []
-
-    thread, outcome = in_background(run_training, cfg)
-    assert wait_until(lambda: len(checkpoints()) >= 2 or not thread.is_alive(), timeout=600)
-    assert thread.is_alive(), outcome
-    s3_server.kill()
-    try:
-        thread.join(timeout=600)
-        assert not thread.is_alive(), "training hung after the S3 server died"
-        assert "error" in outcome, "the run cannot succeed with its storage gone"
-    finally:
-        s3_server.restart()
-    message = str(outcome["error"])
-    assert "checkpoint" in message.lower() or "s3" in message.lower() or "connect" in message.lower(), message
-
-    # Rerun: Ray resumes from the last checkpoint it registered, which has every rank's files.
-    result = run_training(cfg)
-    assert result.metrics["step"] == STEPS and result.metrics["samples"] == SAMPLES
-    client, runs = mlflow_runs(cfg)
-    assert len(runs) == 1
-    weights = load_file(_download(cfg, "export/model.safetensors"))
-    for key, value in baseline[1].items():
-        torch.testing.assert_close(
-            weights[key], value, rtol=1e-5, atol=1e-7, msg=lambda m, key=key: f"{key}: {m}"
-        )
-
-
-def _download(cfg, relative: str) -> str:
-    import tempfile
-
-    local = os.path.join(tempfile.mkdtemp(), os.path.basename(relative))
-    fs = cfg.data.storage.filesystem(cfg.run_dir())
-    fs.get(f"{cfg.run_dir().removeprefix('s3://')}/{relative}", local)
-    return local

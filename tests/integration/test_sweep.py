@@ -261,3 +261,33 @@ def test_a_sweep_on_s3_interrupted_publishes_nothing_then_resumes_stops_a_bad_tr
     # L+M with 4 medium tokens, L+H with the tiny default 1: 16 + 4*4, 16 + 36*1.
     assert (first[IMAGE_TOKENS], good[IMAGE_TOKENS], bad[IMAGE_TOKENS]) == (32, 52, 52)
     assert_sweep_logged(client, sweep, experiment, rows, results)
+
+
+def test_a_trial_no_retry_can_fix_fails_once_with_its_reason(ray_cluster, mlflow_server, demo_data, tmp_path):
+    """A global batch of 32 cannot be filled by one worker's 16 rows: only the workers, which read
+    the data, can tell, and they would tell every attempt. With max_failures 2 the trial runs once
+    and ends with its reason in the results, its MLflow run FAILED, the sweep finished."""
+    from ray import tune
+
+    from dragonfly_platform.tune import run_sweep
+
+    path = write_sweep(
+        tmp_path,
+        demo_data,
+        mlflow_server.tracking_uri,
+        overrides={"train.global_batch_size": 32},
+        search={"model.zoom.levels": {"grid": [["low", "medium"]]}},
+        max_failures=2,
+    )
+    sweep = load_sweep_config(path)
+    rows, _ = run_sweep(sweep)
+    (row,) = rows
+    assert row["status"] == "error", row
+    assert row["error"].startswith("ConfigError: ") and "cannot fill one optimizer step" in row["error"]
+    (trial,) = tune.ExperimentAnalysis(sweep_storage_dir(sweep, load_base(sweep))).trials
+    assert trial.status == trial.TERMINATED and trial.num_failures == 0  # one attempt, no retry
+    client = MlflowClient(mlflow_server.tracking_uri)
+    (parent,), (child,) = sweep_runs(client, f"sweep-{tmp_path.name}")
+    assert child.info.run_id == row["mlflow_run_id"] and child.info.status == "FAILED"
+    assert child.data.tags["sweep.status"] == "error"
+    assert parent.info.status == "FINISHED"

@@ -1,9 +1,11 @@
-"""Ray Train + DeepSpeed on 2 CPU workers: loss falls, checkpoints hold the weights, ZeRO stages agree,
-and no credential reaches logs, params or artifacts."""
+"""Ray Train + DeepSpeed on 2 CPU workers: loss falls, checkpoints hold the weights, ZeRO stages agree
+(ZeRO-3 through an S3 outage and its rerun), and no credential reaches logs, params or artifacts."""
 
 from __future__ import annotations
 
 import os
+import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from safetensors.torch import load_file
 from dragonfly.model import DragonflyModel
 from dragonfly_platform.config import parse_run_config
 from dragonfly_platform.data import TooManyBadRecords
+from dragonfly_platform.services import wait_until
 from dragonfly_platform.train import DEEPSPEED_TAG, run_training
 
 # The conftest's tiny run: 2 workers x global batch 8, 2 epochs of 32 rows = 8 steps, 64 samples.
@@ -52,17 +55,67 @@ def export_weights(export_dir: str, storage=None) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def zero_runs(zero2_run, tiny_run_config, s3_server):
     """The same run (seed, data, steps) with ZeRO-2 on local storage (the conftest's) and ZeRO-3 on
-    S3. A planted MLflow password travels in the environment only; the S3 keys are in the run config
-    as well as the environment (the config's win, so they must reach the workers intact)."""
+    S3, where the S3 server dies once two checkpoints are up: the run must fail with a clear error,
+    and its rerun resume from a whole checkpoint and end like an uninterrupted run (one run serves
+    the ZeRO-3 checks and the fault: each costs ~1 min). A planted MLflow password travels in the
+    environment only; the S3 keys are in the run config as well as the environment (the config's
+    win, so they must reach the workers intact). ``zero_runs["outage"]`` is the first run's error."""
     secrets = {"MLFLOW_TRACKING_PASSWORD": PLANTED_PASSWORD, "MLFLOW_TRACKING_USERNAME": "u"}
     with pytest.MonkeyPatch.context() as env:
         for key, value in {**s3_server.env(), **secrets}.items():
             env.setenv(key, value)
-        raw = tiny_run_config("s3://test-bucket/train-runs", "zero3", "test-train", zero_stage=3)
-        raw["data"]["storage"] = {"access_key": s3_server.access_key, "secret_key": s3_server.secret_key}
+        raw = tiny_run_config(
+            "s3://test-bucket/train-runs", "zero3", "test-train", zero_stage=3, checkpoint_every=1
+        )
+        raw["data"]["storage"] = {
+            "access_key": s3_server.access_key,
+            "secret_key": s3_server.secret_key,
+            "retries": 2,
+            "connect_timeout_s": 2.0,
+            "read_timeout_s": 5.0,
+        }
         cfg = parse_run_config(raw)
-        zero3 = (cfg, run_training(cfg))
-    return {2: zero2_run, 3: zero3}
+        outage = _fail_by_s3_outage(cfg, s3_server)
+        zero3 = (cfg, run_training(cfg))  # Ray resumes from the last checkpoint it registered
+    return {2: zero2_run, 3: zero3, "outage": outage}
+
+
+def _fail_by_s3_outage(cfg, s3_server) -> BaseException:
+    """Run ``cfg`` and kill the S3 server once two checkpoints are on it; returns the run's error."""
+    fs = cfg.data.storage.filesystem(cfg.run_dir())
+    prefix = cfg.run_dir().removeprefix("s3://")
+
+    def checkpoints() -> int:
+        try:
+            return sum("checkpoint_step" in p for p in fs.ls(prefix, refresh=True))
+        except FileNotFoundError:
+            return 0
+
+    outcome: dict = {}
+
+    def train():
+        try:
+            outcome["result"] = run_training(cfg)
+        except BaseException as err:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    assert wait_until(lambda: checkpoints() >= 2 or not thread.is_alive(), timeout=600)
+    assert thread.is_alive(), outcome
+    s3_server.kill()
+    try:
+        thread.join(timeout=600)
+        assert not thread.is_alive(), "training hung after the S3 server died"
+        assert "error" in outcome, "the run cannot succeed with its storage gone"
+    finally:
+        s3_server.restart()
+    return outcome["error"]
+
+
+def test_s3_outage_during_checkpoint_upload_fails_clearly(zero_runs):
+    message = str(zero_runs["outage"])
+    assert "checkpoint" in message.lower() or "s3" in message.lower() or "connect" in message.lower(), message
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -155,12 +208,18 @@ def test_zero3_checkpoints_live_on_s3_with_every_rank_shard(zero_runs, s3_env):
         files = {p.name for p in Path(folder).rglob("*") if p.is_file()}
     assert {"train_state_rank0.json", "train_state_rank1.json"} <= files
     assert sum(name.startswith("zero_pp_rank_") for name in files) >= 2  # one shard set per rank
-    checkpoints = sorted(
-        p.rsplit("/", 1)[-1] for p in fs.ls(cfg.run_dir().removeprefix("s3://")) if "checkpoint_step" in p
-    )
-    assert checkpoints == ["checkpoint_step_0000004", "checkpoint_step_0000008"]
+    # Folders that still hold objects (SeaweedFS lists a deleted folder as an empty prefix), not
+    # the listing cached while the outage was waited for.
+    fs.invalidate_cache()
+    stored = fs.find(cfg.run_dir().removeprefix("s3://"))
+    checkpoints = sorted({m.group(0) for p in stored if (m := re.search(r"checkpoint_step_\d+", p))})
+    assert checkpoints == ["checkpoint_step_0000007", "checkpoint_step_0000008"]
     _, (run,) = mlflow_run(cfg)
-    assert run.data.tags["checkpoint.latest"] == f"{cfg.run_dir()}/checkpoint_step_0000008"
+    checkpoint_tags = {k: v for k, v in run.data.tags.items() if k.startswith("checkpoint.")}
+    assert checkpoint_tags == {
+        "checkpoint.latest": f"{cfg.run_dir()}/checkpoint_step_0000008",
+        **{f"checkpoint.{name}": f"{cfg.run_dir()}/{name}" for name in checkpoints},
+    }
 
 
 def test_rerun_of_a_finished_run_keeps_its_checkpoints(zero_runs):
