@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import posixpath
 from typing import Any
 
 from ray.train import UserCallback
@@ -68,7 +69,7 @@ class CheckpointTags(UserCallback):
         # empty prefix.
         fs, root = self.storage.filesystem(self.run_dir), strip_scheme(self.run_dir).rstrip("/")
         fs.invalidate_cache(root)
-        present = {path.removeprefix(f"{root}/").split("/", 1)[0] for path in fs.find(root)}
+        present = {posixpath.relpath(path, root).split("/", 1)[0] for path in fs.find(root)}
         for tag in client.get_run(self.run_id).data.tags:
             if tag.startswith(CHECKPOINT_TAG_PREFIX) and tag.removeprefix("checkpoint.") not in present:
                 client.delete_tag(self.run_id, tag)

@@ -134,11 +134,7 @@ def run_trial(
         # reject, data over its bad-record budget) would come back on every attempt, each paying for
         # a model load. The trial ends here instead, reported with its reason; the results show it
         # as an error, and fit() has marked its MLflow run FAILED.
-        # Tune wants the sweep metric in every result; None leaves searchers and ASHA unaffected.
-        error = f"{type(err).__name__}: {err}"
-        tune.report(
-            {**budget, sweep.metric: None, "mlflow_run_id": prepared.mlflow_run_id, TRIAL_ERROR: error}
-        )
+        tune.report(error_report(err, sweep.metric, budget, prepared.mlflow_run_id))
         return
     final = {
         **budget,
@@ -153,6 +149,13 @@ def run_trial(
         )
         final.update(scores)
     tune.report(final)
+
+
+def error_report(err: BaseException, metric: str, budget: dict[str, float], run_id: str) -> dict[str, Any]:
+    """The last report of a trial that failed in a way no retry can fix. Tune wants the sweep metric
+    in every result, and searchers read it as a number (Optuna's ``Trial.report`` calls float()):
+    NaN, which Optuna keeps no value for and ASHA never sees (no validation round)."""
+    return {**budget, metric: math.nan, "mlflow_run_id": run_id, TRIAL_ERROR: f"{type(err).__name__}: {err}"}
 
 
 def _client(cfg: RunConfig):
@@ -392,7 +395,7 @@ def result_rows(grid, sweep: SweepConfig) -> list[dict[str, Any]]:
             **trial_overrides(result.config),
             IMAGE_TOKENS: metrics.get(IMAGE_TOKENS),
             TFLOPS: metrics.get(TFLOPS),
-            sweep.metric: metrics.get(sweep.metric),
+            sweep.metric: None if error else metrics.get(sweep.metric),
             EXACT_MATCH: metrics.get(EXACT_MATCH),
             "mlflow_run_id": metrics.get("mlflow_run_id"),
             "error": error,
@@ -443,6 +446,7 @@ def publish_results(
 
 __all__ = [
     "EXACT_MATCH",
+    "error_report",
     "exact_match_on_val",
     "run_trial",
     "run_sweep",

@@ -80,6 +80,7 @@ def test_killed_worker_then_killed_job_each_resume_and_end_like_an_uninterrupted
     def registered(step: int) -> bool:
         return snapshot.is_file() and f"checkpoint_step_{step:07d}" in snapshot.read_text()
 
+    idle_cpus = ray.available_resources().get("CPU", 0)
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # Fault 1: a worker dies after the first checkpoint.
@@ -96,8 +97,7 @@ def test_killed_worker_then_killed_job_each_resume_and_end_like_an_uninterrupted
         first.kill()
         first.wait()
     # The job's actors die with their driver; the rerun starts once Ray has their CPUs back.
-    total = ray.cluster_resources()["CPU"]
-    assert wait_until(lambda: ray.available_resources().get("CPU", 0) == total, timeout=60)
+    assert wait_until(lambda: ray.available_resources().get("CPU", 0) >= idle_cpus, timeout=60)
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]

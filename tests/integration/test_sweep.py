@@ -1,7 +1,8 @@
 """A Ray Tune sweep end to end on the session's Ray cluster, MLflow server and S3 server, on the demo
 data: interrupted (Ctrl-C) after its first trial it publishes nothing; rerun, it continues, ASHA stops
 a planted bad trial, and it ends with one MLflow parent, one child per trial, the results table and
-the plot. One sweep serves all of it: each trial costs a Ray Train run."""
+the plot. One sweep serves all of it: each trial costs a Ray Train run. A trial failing with an error
+no retry can fix runs once and ends with its reason in the results."""
 
 from __future__ import annotations
 
@@ -280,10 +281,14 @@ def test_a_trial_no_retry_can_fix_fails_once_with_its_reason(ray_cluster, mlflow
         max_failures=2,
     )
     sweep = load_sweep_config(path)
-    rows, _ = run_sweep(sweep)
+    rows, paths = run_sweep(sweep)
     (row,) = rows
-    assert row["status"] == "error", row
+    assert row["status"] == "error" and row["val_loss"] is None, row
     assert row["error"].startswith("ConfigError: ") and "cannot fill one optimizer step" in row["error"]
+    (saved,) = json.loads(paths["json"].read_text())["trials"]
+    with open(paths["csv"]) as f:
+        (table,) = csv.DictReader(f)
+    assert saved["error"] == table["error"] == row["error"] and saved["status"] == table["status"] == "error"
     (trial,) = tune.ExperimentAnalysis(sweep_storage_dir(sweep, load_base(sweep))).trials
     assert trial.status == trial.TERMINATED and trial.num_failures == 0  # one attempt, no retry
     client = MlflowClient(mlflow_server.tracking_uri)

@@ -422,3 +422,43 @@ def test_validation_rounds_follow_the_training_step_across_a_resume(monkeypatch)
         (6, 2, 784),
         (8, 3, 784),
     ]
+
+
+def test_a_trial_error_report_passes_optuna_and_asha(tmp_path):
+    """The last report of a trial that failed for good goes through Tune's searcher and scheduler
+    like any result: Optuna keeps no value for it and goes on, ASHA leaves it alone (no validation
+    round).
+    With the metric None, Optuna's Trial.report raised and took the whole sweep down."""
+    from optuna.trial import TrialState
+    from ray import tune
+    from ray.tune.schedulers.trial_scheduler import TrialScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from dragonfly_platform.tune import TRIAL_ERROR, VALIDATION_ROUND, _scheduler, error_report
+
+    report = error_report(ConfigError("too few rows"), "val_loss", {"image_tokens": 32}, "run-1")
+    assert report[TRIAL_ERROR] == "ConfigError: too few rows" and math.isnan(report["val_loss"])
+    result = {**report, "training_iteration": 1}
+    assert VALIDATION_ROUND not in result
+
+    searcher = OptunaSearch(space={"lr": tune.loguniform(1e-5, 1e-2)}, metric="val_loss", mode="min", seed=0)
+    assert searcher.suggest("t1") is not None
+    searcher.on_trial_result("t1", result)
+    searcher.on_trial_complete("t1", result)  # Optuna refuses NaN as a value; Tune logs it
+    assert TrialState.COMPLETE not in [t.state for t in searcher._ot_study.trials]
+    assert searcher.suggest("t2") is not None  # and the search goes on
+
+    sweep = sweep_from(
+        tmp_path,
+        search={"train.lr": {"grid": [1e-3]}},
+        scheduler={"type": "asha", "grace_period": 1, "max_t": 3, "reduction_factor": 2},
+    )
+    scheduler = _scheduler(sweep)
+    scheduler.set_search_properties(metric="val_loss", mode="min")
+
+    class Trial:
+        trial_id = "t1"
+
+    scheduler.on_trial_add(None, Trial())
+    assert scheduler.on_trial_result(None, Trial(), result) == TrialScheduler.CONTINUE
+    scheduler.on_trial_complete(None, Trial(), result)
