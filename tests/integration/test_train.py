@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -93,26 +93,18 @@ def _fail_by_s3_outage(cfg, s3_server) -> BaseException:
         except FileNotFoundError:
             return 0
 
-    outcome: dict = {}
-
-    def train():
-        try:
-            outcome["result"] = run_training(cfg)
-        except BaseException as err:  # noqa: BLE001 - the test inspects it
-            outcome["error"] = err
-
-    thread = threading.Thread(target=train, daemon=True)
-    thread.start()
-    assert wait_until(lambda: checkpoints() >= 2 or not thread.is_alive(), timeout=600)
-    assert thread.is_alive(), outcome
+    pool = ThreadPoolExecutor(1)  # not a `with`: its exit would wait for a hung run forever
+    run = pool.submit(run_training, cfg)
+    assert wait_until(lambda: checkpoints() >= 2 or run.done(), timeout=600)
+    assert not run.done(), run.exception() or run.result()
     s3_server.kill()
     try:
-        thread.join(timeout=600)
-        assert not thread.is_alive(), "training hung after the S3 server died"
-        assert "error" in outcome, "the run cannot succeed with its storage gone"
+        error = run.exception(timeout=600)  # TimeoutError: training hung after the S3 server died
+        assert error is not None, "the run cannot succeed with its storage gone"
     finally:
         s3_server.restart()
-    return outcome["error"]
+        pool.shutdown(wait=False)
+    return error
 
 
 def test_s3_outage_during_checkpoint_upload_fails_clearly(zero_runs):
