@@ -2,11 +2,10 @@
 
 Stages (each a Ray Data operator, all on CPU nodes)::
 
-    manifest rows (this rank's share, from the caller)       from_items
-      -> validate + tokenize (processor.encode)               map_batches, tasks (processor cached per worker)
-      -> blocks of rows_per_block rows                        repartition (metadata only)
-      -> fetch image bytes (threads, s3fs / local)            map_batches, tasks  } fused by Ray Data
-      -> decode + crops (dragonfly.zoom.make_crops)           map_batches, tasks  } into one task
+    manifest rows (this rank's share, from the caller)       from_items, blocks of rows_per_block rows
+      -> validate + tokenize (processor.encode)               map_batches  }
+      -> fetch image bytes (threads, s3fs / local)            map_batches  } same resources: fused by
+      -> decode + crops (dragonfly.zoom.make_crops)           map_batches  } Ray Data into one task
       -> consumer in the train worker: drop + log bad rows, collate (pad to the batch's longest)
 
 Validation comes first so that malformed or too-long records never cost image I/O. A record that
@@ -100,16 +99,12 @@ class DataConfig(BaseModel):
     preprocess_num_cpus: Annotated[float, Field(gt=0)] = 1.0  # per crop task
     # Max concurrent crop tasks; None: as many as fit.
     preprocess_concurrency: Annotated[int, Field(gt=0)] | None = None
-    # Tokenizing is ~1 ms/sample: one task feeds many crop tasks.
-    tokenize_concurrency: Annotated[int, Field(gt=0)] | None = 1
-    tokenize_num_cpus: Annotated[float, Field(gt=0)] = 0.25
     fetch_threads: Annotated[int, Field(gt=0)] = 16  # concurrent reads per block, inside the crop task
 
-    # Rows per fetch + crop task, i.e. per output block: 8 rows of 13.9 MB (111 MB) stay under Ray
+    # Rows per preprocessing task, i.e. per output block: 8 rows of 13.9 MB (111 MB) stay under Ray
     # Data's 128 MiB block target, so the object store holds a few blocks, not whole shards. Fewer,
     # larger tasks cost less per sample (2 cores: 4 rows 42%, 8 rows 52% of the crop engine's rate).
     rows_per_block: Annotated[int, Field(gt=0)] = 8
-    read_block_rows: Annotated[int, Field(gt=0)] = 64  # rows per input (metadata) block
     prefetch_batches: Annotated[int, Field(ge=0)] = 2
 
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05
@@ -201,23 +196,13 @@ def build_rank_dataset(
     if data_cfg.preprocess_label_selector:
         placement["label_selector"] = dict(data_cfg.preprocess_label_selector)
 
-    ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / data_cfg.read_block_rows))
-    ds = ds.map_batches(
-        tokenize_rows,
-        fn_kwargs={"processor_ref": ray.put(processor), "image_root": root},
-        batch_size=data_cfg.read_block_rows,
-        batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=data_cfg.tokenize_concurrency),
-        num_cpus=data_cfg.tokenize_num_cpus,
-        **placement,
-    )
-    # Cut the stream into blocks of rows_per_block rows while they are a few KB of metadata; each
-    # block is then fetched and cropped by one task. Fetch and crop get the same resources, so Ray
-    # Data fuses them into one task: the image bytes never go through the object store, and the
-    # crop stage is not starved of CPU budget by a separate fetch (or repartition) stage in front
-    # of it. A block's images are read concurrently (fetch_threads) before its first crop.
-    ds = ds.repartition(target_num_rows_per_block=data_cfg.rows_per_block)
-    crop_task = {
+    # One task per block of rows_per_block rows tokenizes, fetches and crops it: the three stages ask
+    # for the same resources, so Ray Data fuses them, and the image bytes never cross the object
+    # store. As separate operators, Ray Data's per-operator CPU reservation starved the crop stage
+    # while the stages in front of it were still running (see docs/data.md). A block's images are
+    # read concurrently (fetch_threads) before its first crop.
+    ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / data_cfg.rows_per_block))
+    task = {
         "batch_size": data_cfg.rows_per_block,
         "batch_format": "pyarrow",
         "num_cpus": data_cfg.preprocess_num_cpus,
@@ -225,9 +210,12 @@ def build_rank_dataset(
         **placement,
     }
     ds = ds.map_batches(
-        fetch_images, fn_kwargs={"storage": data_cfg.storage, "threads": data_cfg.fetch_threads}, **crop_task
+        tokenize_rows, fn_kwargs={"processor_ref": ray.put(processor), "image_root": root}, **task
     )
-    ds = ds.map_batches(make_crop_rows, fn_kwargs={"zoom": processor.zoom}, **crop_task)
+    ds = ds.map_batches(
+        fetch_images, fn_kwargs={"storage": data_cfg.storage, "threads": data_cfg.fetch_threads}, **task
+    )
+    ds = ds.map_batches(make_crop_rows, fn_kwargs={"zoom": processor.zoom}, **task)
     # Local-index order out of the stream is what makes "last index + 1" an exact resume point.
     ds.context.execution_options.preserve_order = True
     return ds, len(indices)

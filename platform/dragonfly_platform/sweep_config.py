@@ -408,9 +408,9 @@ def trial_resources(cfg: RunConfig) -> dict[str, float]:
 
 
 def data_task_cpus(cfg: RunConfig) -> float:
-    """CPUs the largest Ray Data task of a trial's pipeline asks for (tokenize, or fetch + crop). One
-    such task must always be able to start, or every trial waits for data forever, showing no error."""
-    return max(cfg.data.tokenize_num_cpus, cfg.data.preprocess_num_cpus)
+    """CPUs a Ray Data task of a trial's pipeline asks for (tokenize + fetch + crop). One such task
+    must always be able to start, or every trial waits for data forever, showing no error."""
+    return cfg.data.preprocess_num_cpus
 
 
 def derive_max_concurrent_trials(cluster: dict[str, float], configs: list[RunConfig]) -> int:

@@ -68,7 +68,6 @@ def _config(manifest: str, **overrides) -> DataConfig:
     settings = dict(
         train_manifest=manifest,
         rows_per_block=2,
-        read_block_rows=8,
         preprocess_num_cpus=0.5,
         # Two crop tasks in flight: blocks can finish out of order (what preserve_order is for)
         # without starting a worker process per logical CPU.
@@ -235,9 +234,12 @@ def test_manifest_round_trip(ray_cluster, demo, processor, tmp_path):
     assert {i: e["reason"] for i, e in written.items()} == EXPECTED_BAD
     assert written["bad-missing-file"]["source"] == str(demo / "images/bad/does_not_exist.png")
     assert written["bad-too-long"]["source"] == f"{demo / 'train.jsonl'}:{len(records)}"
-    # Fetch and crop ran as one task (same resources): image bytes never crossed the object store,
-    # and no separate stage held CPU budget in front of the crop stage (docs/benchmarks.md).
-    assert "MapBatches(fetch_images)->MapBatches(make_crop_rows)" in ds.stats()
+    # Tokenize, fetch and crop ran as one task (same resources): image bytes never crossed the
+    # object store, and no stage held CPU budget in front of the crops (docs/benchmarks.md).
+    assert (
+        "Operator 1 MapBatches(tokenize_rows)->MapBatches(fetch_images)->MapBatches(make_crop_rows)"
+        in ds.stats()
+    )
 
 
 def test_two_ranks_split_uneven_data_exactly_and_resume_mid_epoch(ray_cluster, demo, processor, tmp_path):

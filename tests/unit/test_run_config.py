@@ -130,8 +130,8 @@ def test_pipeline_sizes_seeds_and_storage_scheme_are_checked_before_any_work():
     message = problems(
         tiny(
             data={
-                "read_block_rows": 0,
-                "tokenize_concurrency": 0,
+                "rows_per_block": 0,
+                "fetch_threads": 0,
                 "max_bad_fraction": 1.5,
                 "shuffle_seed": -1,
             },
@@ -140,7 +140,7 @@ def test_pipeline_sizes_seeds_and_storage_scheme_are_checked_before_any_work():
         )
     )
     assert "6 problem(s)" in message
-    for key in ("read_block_rows", "tokenize_concurrency", "max_bad_fraction", "shuffle_seed", "train.seed"):
+    for key in ("rows_per_block", "fetch_threads", "max_bad_fraction", "shuffle_seed", "train.seed"):
         assert key in message
     assert "run.storage_path: must be a local folder or s3://bucket/prefix, got 'gs://bucket/runs'" in message
 
