@@ -371,7 +371,7 @@ def run_sweep(sweep: SweepConfig, cluster_resources: dict[str, float] | None = N
             f"sweep {sweep.name} interrupted with {unfinished} unfinished trial(s); its state is saved "
             f"in {sweep_dir}: rerun the same command to continue it"
         )
-    rows = result_rows(grid, sweep)
+    rows = result_rows(grid, sweep, base_raw)
     paths = publish_results(sweep, probe, parent_run_id, rows, sweep_dir)
     return rows, paths
 
@@ -380,21 +380,23 @@ class SweepInterrupted(RuntimeError):
     """Tune stopped before every trial ended (Ctrl-C); nothing was published."""
 
 
-def result_rows(grid, sweep: SweepConfig) -> list[dict[str, Any]]:
-    """One row per trial: its searched values, image cost, last metrics and how it ended."""
+def result_rows(grid, sweep: SweepConfig, base_raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per trial: its searched values, image cost, last metrics and how it ended. The image
+    cost comes from the trial's config, so a trial that failed before its first report has a row
+    (and a place in the results files) too."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         error = metrics.get(TRIAL_ERROR) or (
             f"{type(result.error).__name__}: {result.error}" if result.error else None
         )
+        overrides = trial_overrides(result.config)
         row = {
             "trial_id": metrics.get("trial_id") or Path(result.path).name,
             "status": "error" if error else ("complete" if metrics.get(COMPLETE) else "stopped_early"),
             "reports": _validation_rounds(result),
-            **trial_overrides(result.config),
-            IMAGE_TOKENS: metrics.get(IMAGE_TOKENS),
-            TFLOPS: metrics.get(TFLOPS),
+            **overrides,
+            **image_budget(resolve_trial_config(base_raw, sweep, overrides)),
             sweep.metric: None if error else metrics.get(sweep.metric),
             EXACT_MATCH: metrics.get(EXACT_MATCH),
             "mlflow_run_id": metrics.get("mlflow_run_id"),
@@ -425,15 +427,14 @@ def publish_results(
             client.set_terminated(
                 row["mlflow_run_id"], status="KILLED" if row["status"] == "stopped_early" else "FAILED"
             )
-    scored = [row for row in rows if row[IMAGE_TOKENS] is not None]
     results_url = f"{sweep_dir}/results"
     out_dir = tempfile.mkdtemp(prefix="dragonfly-sweep-") if is_s3(sweep_dir) else results_url
     keys = searched_keys(sweep)
-    paths = write_results(scored, keys, sweep.table_metric, sweep.table_mode, out_dir)
+    paths = write_results(rows, keys, sweep.table_metric, sweep.table_mode, out_dir)
     if out_dir != results_url:
         publish_dir(out_dir, results_url, run_storage(probe))
     client.log_artifacts(parent_run_id, out_dir, "results")
-    values = [number_or_nan(r.get(sweep.table_metric)) for r in scored]
+    values = [number_or_nan(r.get(sweep.table_metric)) for r in rows]
     finite = [v for v in values if not math.isnan(v)]
     summary = {"trials": len(rows), "trials_complete": sum(r["status"] == "complete" for r in rows)}
     if finite:

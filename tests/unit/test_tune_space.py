@@ -334,6 +334,53 @@ def test_results_files_agree_with_the_rows(tmp_path):
         assert len(set(png.convert("RGB").getdata())) > 50
 
 
+def test_a_trial_that_failed_before_reporting_has_its_row_and_cost(tmp_path):
+    """A trial that raised before its first report (say, its MLflow run could not be created on every
+    attempt) has no metrics, only Tune's error; it still gets a row with its image cost from its
+    config, so the results files list every trial. Its cost used to come from its reports: no row."""
+    from types import SimpleNamespace
+
+    from dragonfly_platform.tune import COMPLETE, TRIAL_ERROR, result_rows
+
+    sweep = sweep_from(tmp_path, search={"model.tokens.tokens.high": {"grid": [16, 36]}})
+    base = load_base(sweep)
+    finished = SimpleNamespace(
+        config={GRID_KEY: {"model.tokens.tokens.high": 16}},
+        metrics={"trial_id": "t1", COMPLETE: 1, "val_loss": 1.5, IMAGE_TOKENS: -1, "mlflow_run_id": "r1"},
+        error=None,
+        path=str(tmp_path / "t1"),
+        metrics_dataframe=None,
+    )
+    failed = SimpleNamespace(
+        config={GRID_KEY: {"model.tokens.tokens.high": 36}},
+        metrics={},
+        error=RuntimeError("tracking server unreachable"),
+        path=str(tmp_path / "run_trial_t2"),
+        metrics_dataframe=None,
+    )
+    rows = result_rows([failed, finished], sweep, base)
+    assert [r["trial_id"] for r in rows] == ["run_trial_t2", "t1"]
+    expected = {
+        high: image_budget(resolve_trial_config(base, sweep, {"model.tokens.tokens.high": high}))
+        for high in (16, 36)
+    }
+    assert expected[16][IMAGE_TOKENS] != expected[36][IMAGE_TOKENS]
+    for row, high in zip(rows, (36, 16), strict=True):
+        assert row["model.tokens.tokens.high"] == high
+        assert (row[IMAGE_TOKENS], row[TFLOPS]) == (expected[high][IMAGE_TOKENS], expected[high][TFLOPS])
+    assert rows[0]["status"] == "error" and rows[0]["error"] == "RuntimeError: tracking server unreachable"
+    assert rows[0]["val_loss"] is None and rows[0]["mlflow_run_id"] is None and TRIAL_ERROR not in rows[0]
+    assert rows[1]["status"] == "complete" and rows[1]["val_loss"] == 1.5 and rows[1]["error"] is None
+
+    paths = write_results(rows, ["model.tokens.tokens.high"], "val_loss", "min", tmp_path / "out")
+    with open(paths["csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert [(r["trial_id"], r["status"], int(r[IMAGE_TOKENS])) for r in table] == [
+        ("run_trial_t2", "error", expected[36][IMAGE_TOKENS]),
+        ("t1", "complete", expected[16][IMAGE_TOKENS]),
+    ]
+
+
 def test_plot_labels_name_the_searched_values():
     row = {"model.zoom.levels": ["low", "high"], "model.tokens.tokens.high": 16, "train.lr": 0.000123456}
     keys = ["model.zoom.levels", "model.tokens.tokens.medium", "model.tokens.tokens.high", "train.lr"]
