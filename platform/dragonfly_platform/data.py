@@ -347,7 +347,8 @@ def bad_records_file_name(split: Split, rank: int) -> str:
 class BadRecordLog:
     """Counts good and bad records, appends bad ones to a JSONL file and enforces
     ``max_bad_fraction``. One per rank and split; the file is appended to across epochs and
-    resumes, one line per bad record seen: ``{"id", "source", "reason", "message", "epoch"}``."""
+    resumes, one line per bad record seen: ``{"id", "source", "reason", "message", "epoch",
+    "local_index"}`` (``local_index``: the record's position in the rank's order of that epoch)."""
 
     def __init__(
         self,
@@ -400,7 +401,9 @@ class BadRecordLog:
     def add_good(self) -> None:
         self.good += 1
 
-    def add_bad(self, record_id: str, source: str, reason: str, message: str) -> None:
+    def add_bad(
+        self, record_id: str, source: str, reason: str, message: str, local_index: int | None = None
+    ) -> None:
         self.reasons[reason] += 1
         if self.path:
             entry = {
@@ -409,6 +412,7 @@ class BadRecordLog:
                 "reason": reason,
                 "message": message,
                 "epoch": self.epoch,
+                "local_index": local_index,
             }
             with open(self.path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -431,6 +435,23 @@ class BadRecordLog:
         return {"seen": self.seen, "good": self.good, "bad": self.bad, "bad_by_reason": dict(self.reasons)}
 
 
+def keep_records_before(path: str, epoch: int, start: int) -> int:
+    """Cut a rank's bad-records file back to the records before position ``start`` of ``epoch``,
+    where a resumed run goes on reading (it meets the later ones again). The file published when
+    a run stopped on ``TooManyBadRecords`` lists records past its last checkpoint. Returns the
+    number of entries dropped."""
+    with open(path) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    kept = [
+        e
+        for e in entries
+        if e.get("local_index") is None or (e.get("epoch", 0), e["local_index"]) < (epoch, start)
+    ]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in kept)
+    return len(entries) - len(kept)
+
+
 def wire_shape(zoom: ZoomConfig) -> tuple[int, int, int, int]:
     """The layout of an image row's ``pixels`` bytes: C-order (n_tiles, R, R, 3), the crop engine's
     channels-last tiles as they are in memory."""
@@ -451,7 +472,13 @@ def iter_samples(
         columns = table.drop_columns(["pixels"]).to_pydict()
         for i, bad_reason in enumerate(columns["bad_reason"]):
             if bad_reason is not None:
-                bad_log.add_bad(columns["id"][i], columns["source"][i], bad_reason, columns["bad_message"][i])
+                bad_log.add_bad(
+                    columns["id"][i],
+                    columns["source"][i],
+                    bad_reason,
+                    columns["bad_message"][i],
+                    columns["local_index"][i],
+                )
                 continue
             bad_log.add_good()
             yield {
@@ -519,6 +546,7 @@ __all__ = [
     "TooManyBadRecords",
     "BadRecordLog",
     "bad_records_file_name",
+    "keep_records_before",
     "unoffered_preprocess_resources",
     "ROW_SCHEMA",
     "rank_indices",

@@ -30,8 +30,9 @@ def _artifact_root(cfg: RunConfig) -> str | None:
     return None
 
 
-def resolve_mlflow_run(cfg: RunConfig) -> str:
-    """The id of this training run's MLflow run: found by its run-folder tag, or created."""
+def find_mlflow_run(cfg: RunConfig):
+    """This training run's MLflow run (an ``mlflow.entities.Run``, params included) if an earlier
+    attempt created it, found by its run-folder tag; else None. Creates nothing."""
     from mlflow.tracking import MlflowClient
 
     uri = cfg.tracking_uri()
@@ -40,14 +41,26 @@ def resolve_mlflow_run(cfg: RunConfig) -> str:
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
     if experiment is None:
+        return None
+    existing = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{cfg.run_dir()}'", max_results=1
+    )
+    return existing[0] if existing else None
+
+
+def resolve_mlflow_run(cfg: RunConfig) -> str:
+    """The id of this training run's MLflow run: found by its run-folder tag, or created."""
+    from mlflow.tracking import MlflowClient
+
+    existing = find_mlflow_run(cfg)
+    if existing is not None:
+        return existing.info.run_id
+    client = MlflowClient(tracking_uri=cfg.tracking_uri())
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is None:
         experiment_id = client.create_experiment(cfg.mlflow.experiment, artifact_location=_artifact_root(cfg))
     else:
         experiment_id = experiment.experiment_id
-    existing = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{cfg.run_dir()}'", max_results=1
-    )
-    if existing:
-        return existing[0].info.run_id
     run = client.create_run(
         experiment_id,
         run_name=cfg.run.name,

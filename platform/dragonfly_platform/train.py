@@ -132,8 +132,9 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     init_from = cfg.train.init_from
     if init_from is not None and init_from.startswith("models:/"):
         # An alias moves (promotion): the processor here and the weights in every worker and retry
-        # must come from one version, and the run's params must say which.
-        init_from = describe_model(init_from, tracking_uri).pinned_uri
+        # must come from one version, and the run's params must say which. A rerun of the run keeps
+        # the version its first attempt pinned (and logged), wherever the alias is now.
+        init_from = _pinned_by_earlier_attempt(cfg) or describe_model(init_from, tracking_uri).pinned_uri
         log.info("train.init_from %s is %s", cfg.train.init_from, init_from)
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": init_from})})
     init = fetched_model(init_from, storage, tracking_uri) if init_from else contextlib.nullcontext()
@@ -146,6 +147,22 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     run_id = resolve_mlflow_run(cfg)
     _warn_of_unoffered_preprocess_resources(cfg)
     return PreparedRun(cfg, run_id, processor_url)
+
+
+def _pinned_by_earlier_attempt(cfg: RunConfig) -> str | None:
+    """For ``train.init_from: models:/<name>@<alias>``: the ``models:/<name>/<version>`` an earlier
+    attempt of this run pinned it to, read from its MLflow params (logged when training started)."""
+    from dragonfly_platform.tracking import find_mlflow_run
+
+    given = cfg.train.init_from.removeprefix("models:/")
+    if "@" not in given:
+        return None
+    run = find_mlflow_run(cfg)
+    logged = run.data.params.get("train.init_from") if run is not None else None
+    if logged and logged.startswith(f"models:/{given.rsplit('@', 1)[0]}/"):
+        log.info("rerun of %s: train.init_from stays %s, pinned by its first attempt", cfg.run.name, logged)
+        return logged
+    return None
 
 
 def _warn_of_unoffered_preprocess_resources(cfg: RunConfig) -> None:
@@ -438,10 +455,10 @@ class Worker:
 
     def _open_bad_records(self, resumed: bool) -> None:
         """This rank's bad-records files are appended in a local folder and published to
-        ``<run>/bad_records`` (local or S3) at each checkpoint and at the end, so the published files
-        list exactly the records of the run's checkpointed history: a resumed run fetches its train
-        file as of its checkpoint and appends to it, never listing a record twice."""
-        from dragonfly_platform.data import bad_records_file_name
+        ``<run>/bad_records`` (local or S3) at each checkpoint, at the end, and when too many records
+        were bad. A resumed run fetches its train file, cuts it back to the records before its
+        resume position and appends to it, so no record is listed twice."""
+        from dragonfly_platform.data import bad_records_file_name, keep_records_before
 
         self.bad_logs: dict[str, Any] = {}
         self.val_bad_records = 0
@@ -451,7 +468,11 @@ class Worker:
         fs = self.storage.filesystem(self.bad_records_url)
         published = f"{strip_scheme(self.bad_records_url)}/{name}"
         if resumed and fs.exists(published):
-            fs.get_file(published, os.path.join(self.bad_records_dir, name))
+            local = os.path.join(self.bad_records_dir, name)
+            fs.get_file(published, local)
+            dropped = keep_records_before(local, self.state.epoch, self.state.consumed)
+            if dropped:
+                self._log(f"{dropped} bad record(s) past the checkpoint will be read (and listed) again")
 
     def _publish_bad_records(self) -> None:
         """Copy this rank's bad-records files to ``<run>/bad_records``."""

@@ -28,6 +28,7 @@ from dragonfly_platform.data import (
     fetch_images,
     iter_samples,
     iter_train_batches,
+    keep_records_before,
     rank_indices,
 )
 from dragonfly_platform.demo_data import PLANTED_BAD_REASONS, write_demo_dataset
@@ -166,6 +167,28 @@ def test_a_fresh_rank_log_lists_a_reread_split_once(tmp_path):
     assert [pass_over_one_bad_record(fresh=True) for _ in range(2)] == [1, 1]
 
 
+def test_a_resumed_rank_keeps_the_bad_records_before_its_position_only(tmp_path):
+    """A run that stopped on too many bad records published every record it had met, past its last
+    checkpoint too; resumed (the budget raised) from that checkpoint, it meets the later ones again
+    and must not list them twice."""
+    path = tmp_path / "bad_records-train-rank0.jsonl"
+    for epoch, positions in ((0, [3, 9]), (1, [2, 5, 6])):
+        log = BadRecordLog(str(path), max_bad_fraction=1.0, epoch=epoch)
+        for i in positions:
+            log.add_bad(f"e{epoch}-{i}", f"{i}.png", "truncated", "cut", local_index=i)
+    with open(path, "a") as f:  # an entry of a file written before entries had positions: kept
+        f.write(
+            json.dumps({"id": "old", "source": "o.png", "reason": "truncated", "message": "", "epoch": 0})
+            + "\n"
+        )
+
+    assert keep_records_before(str(path), epoch=1, start=5) == 2  # resumes at position 5 of epoch 1
+    assert list(_bad_file(path)) == ["e0-3", "e0-9", "e1-2", "old"]
+    assert keep_records_before(str(path), epoch=1, start=5) == 0
+    assert keep_records_before(str(path), epoch=0, start=4) == 2
+    assert list(_bad_file(path)) == ["e0-3", "old"]
+
+
 def test_a_local_file_that_cannot_be_read_is_a_bad_record_not_an_outage(tmp_path, monkeypatch):
     """A locked file among readable ones (a shared dataset folder) skips that record; it used to
     stop the job as "could not read ... from AWS S3". The tests run as root, who reads any file, so
@@ -232,6 +255,10 @@ def test_manifest_round_trip(ray_cluster, demo, processor, tmp_path):
     _check_round_trip(samples, log, records, processor, demo)
     written = _bad_file(tmp_path / "bad_records-train-rank0.jsonl")
     assert {i: e["reason"] for i, e in written.items()} == EXPECTED_BAD
+    # One rank, manifest order: a record's position is its line (where a resume cuts the file).
+    assert {i: e["local_index"] for i, e in written.items()} == {
+        r.id: line for line, r in enumerate(records) if r.id in EXPECTED_BAD
+    }
     assert written["bad-missing-file"]["source"] == str(demo / "images/bad/does_not_exist.png")
     assert written["bad-too-long"]["source"] == f"{demo / 'train.jsonl'}:{len(records)}"
     # Tokenize, fetch and crop ran as one task (same resources): image bytes never crossed the

@@ -295,3 +295,18 @@ def test_registered_pyfunc_model_loads_and_answers(client, runs, export_dir, tmp
     assert prepared.run_config.train.init_from == f"models:/{name}/1"
     written = DragonflyProcessor.from_pretrained(prepared.processor_dir)
     assert written.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+
+    # A rerun of that run (after a crash) keeps version 1 though the alias has moved to 2: its params
+    # (immutable in MLflow) say 1, and its checkpoint was trained from 1. A fresh run takes 2.
+    from dragonfly_platform.tracking import RankZeroTracker
+
+    RankZeroTracker(prepared.run_config, prepared.mlflow_run_id, rank=0).log_params(
+        prepared.run_config.flatten()
+    )  # as the first attempt's rank 0 does when training starts
+    promote(client, runs[1], config(name), ScoresByRun(client, {runs[0]: 0.6, runs[1]: 0.7}))
+    assert alias(client, name, CHAMPION) == "2"
+    rerun = prepare_run(parse_run_config(raw))
+    assert rerun.mlflow_run_id == prepared.mlflow_run_id
+    assert rerun.run_config.train.init_from == f"models:/{name}/1"
+    raw["run"]["name"] = "from-registry-later"
+    assert prepare_run(parse_run_config(raw)).run_config.train.init_from == f"models:/{name}/2"
