@@ -1,6 +1,6 @@
 """The Ray Data pipeline: manifest records in, fixed-shape crops and token ids out.
 
-Stages (each a Ray Data operator, all on CPU nodes)::
+Stages (one Ray Data task per block, on CPU nodes)::
 
     manifest rows (this rank's share, from the caller)       from_items, blocks of rows_per_block rows
       -> validate + tokenize (processor.encode)               map_batches  }
@@ -37,9 +37,9 @@ collation's.
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections import Counter
+import uuid
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -54,11 +54,22 @@ from dragonfly_platform.manifest import ManifestRecord, read_manifest
 from dragonfly_platform.storage import RECORD_READ_ERRORS, StorageConfig, join, parent, read_error_reason
 
 if TYPE_CHECKING:
-    # Imported where used: the fetch and crop tasks' worker processes never load transformers.
+    # Imported where used: the consumer side needs no transformers until it collates.
     from dragonfly.processor import DragonflyProcessor
 
 Split = Literal["train", "val"]
 
+# A rank's rows as they enter the pipeline: ManifestRecord.to_row() and where the row comes from.
+INPUT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.string()),
+        ("conversations_json", pa.string()),
+        ("line", pa.int64()),
+        ("local_index", pa.int64()),
+        ("manifest", pa.string()),
+    ]
+)
 ROW_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -89,17 +100,18 @@ class DataConfig(BaseModel):
     image_root: str | None = None
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
-    # Placement of the crop work (the CPU-heavy stage). On a cluster with CPU and GPU node groups,
+    # Placement of the preprocessing tasks (tokenize, fetch, crop: the CPU-heavy work). On a cluster
+    # with CPU and GPU node groups,
     # give CPU nodes a custom resource (``ray start --resources='{"cpu_preprocess": 1000}'``) and
     # set ``preprocess_resources: {cpu_preprocess: 0.001}``, or label them (``ray start
-    # --labels=dragonfly/node-role=cpu``) and set ``preprocess_label_selector``; both apply to
-    # every preprocessing stage. Unset (local runs): anywhere.
+    # --labels=dragonfly/node-role=cpu``) and set ``preprocess_label_selector``. Unset (local
+    # runs): anywhere.
     preprocess_resources: dict[str, float] = Field(default_factory=dict)
     preprocess_label_selector: dict[str, str] | None = None
-    preprocess_num_cpus: Annotated[float, Field(gt=0)] = 1.0  # per crop task
-    # Max concurrent crop tasks; None: as many as fit.
+    preprocess_num_cpus: Annotated[float, Field(gt=0)] = 1.0  # per preprocessing task
+    # Max concurrent preprocessing tasks; None: as many as fit.
     preprocess_concurrency: Annotated[int, Field(gt=0)] | None = None
-    fetch_threads: Annotated[int, Field(gt=0)] = 16  # concurrent reads per block, inside the crop task
+    fetch_threads: Annotated[int, Field(gt=0)] = 16  # concurrent image reads per task
 
     # Rows per preprocessing task, i.e. per output block: 8 rows of 13.9 MB (111 MB) stay under Ray
     # Data's 128 MiB block target, so the object store holds a few blocks, not whole shards. Fewer,
@@ -160,12 +172,17 @@ def build_rank_dataset(
     seed: int | None = None,
     start: int = 0,
     shuffle: bool = True,
+    processor_key: str | None = None,
 ):
     """This rank's rows of ``split`` for ``epoch`` from local index ``start`` on, as a Ray Dataset.
 
     Returns ``(dataset, n_rows)``: ``n_rows`` is the rank's row count for the whole epoch (bad
     records included, ``start`` not subtracted), what a progress bar or LR schedule needs. Call it
     inside the train worker; iterate the dataset with ``iter_train_batches``.
+
+    ``processor_key`` names the processor wherever it is loaded (training passes the run's processor
+    folder): preprocessing workers keep a few processors by key, so the ranks, epochs and splits
+    of a run unpickle theirs once per worker process. Default: a key of this call's own.
     """
     import ray.data
 
@@ -200,8 +217,13 @@ def build_rank_dataset(
     # for the same resources, so Ray Data fuses them, and the image bytes never cross the object
     # store. As separate operators, Ray Data's per-operator CPU reservation starved the crop stage
     # while the stages in front of it were still running (see docs/data.md). A block's images are
-    # read concurrently (fetch_threads) before its first crop.
-    ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / data_cfg.rows_per_block))
+    # read concurrently (fetch_threads) before its first crop. Blocks are cut here, exactly: Ray
+    # Data would merge uneven ones (from_items spreads rows evenly) into larger tasks and blocks.
+    k = data_cfg.rows_per_block
+    ds = ray.data.from_arrow(
+        [pa.Table.from_pylist(rows[i : i + k], schema=INPUT_SCHEMA) for i in range(0, len(rows), k)]
+    )
+    processor_key = processor_key or uuid.uuid4().hex
     task = {
         "batch_size": data_cfg.rows_per_block,
         "batch_format": "pyarrow",
@@ -210,7 +232,9 @@ def build_rank_dataset(
         **placement,
     }
     ds = ds.map_batches(
-        tokenize_rows, fn_kwargs={"processor_ref": ray.put(processor), "image_root": root}, **task
+        tokenize_rows,
+        fn_kwargs={"processor_ref": ray.put(processor), "processor_key": processor_key, "image_root": root},
+        **task,
     )
     ds = ds.map_batches(
         fetch_images, fn_kwargs={"storage": data_cfg.storage, "threads": data_cfg.fetch_threads}, **task
@@ -237,26 +261,30 @@ def build_dataset(
 # Stages (run in Ray workers)
 
 
-_PROCESSORS: dict[str, DragonflyProcessor] = {}
+_PROCESSORS: OrderedDict[str, DragonflyProcessor] = OrderedDict()
+_PROCESSORS_KEPT = 4  # a few runs (sweep trials) sharing the preprocessing workers
 
 
-def _processor(ref) -> DragonflyProcessor:
-    """The run's processor, deserialised once per worker process rather than once per task: Ray
-    reuses task workers, and a real tokenizer (Llama-3's 128k vocabulary) takes ~1 s to unpickle."""
-    key = ref.hex()
-    if key not in _PROCESSORS:
+def _processor(ref, key: str) -> DragonflyProcessor:
+    """The processor named ``key``, unpickled once per worker process rather than once per task:
+    Ray hands a worker tasks of every rank, epoch and split, and a real tokenizer (Llama-3's 128k
+    vocabulary) takes ~1 s to unpickle, against ~0.3 s of cropping for a block."""
+    if key in _PROCESSORS:
+        _PROCESSORS.move_to_end(key)
+    else:
         import ray
 
-        _PROCESSORS.clear()  # one run's processor at a time
         _PROCESSORS[key] = ray.get(ref)
+        while len(_PROCESSORS) > _PROCESSORS_KEPT:
+            _PROCESSORS.popitem(last=False)
     return _PROCESSORS[key]
 
 
-def tokenize_rows(batch: pa.Table, *, processor_ref, image_root: str) -> pa.Table:
+def tokenize_rows(batch: pa.Table, *, processor_ref, processor_key: str, image_root: str) -> pa.Table:
     """Validate each conversation and tokenize it; a ``RecordError`` makes the row bad with its reason."""
     from dragonfly.processor import RecordError
 
-    processor = _processor(processor_ref)
+    processor = _processor(processor_ref, processor_key)
     out: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
     for row in batch.to_pylist():
         has_image = row["image"] is not None
@@ -441,15 +469,22 @@ def keep_records_before(path: str, epoch: int, start: int) -> int:
     a run stopped on ``TooManyBadRecords`` lists records past its last checkpoint. Returns the
     number of entries dropped."""
     with open(path) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a crash mid-write: its record comes again
+            continue
     kept = [
         e
         for e in entries
+        # Entries written before they had positions cannot be placed: kept.
         if e.get("local_index") is None or (e.get("epoch", 0), e["local_index"]) < (epoch, start)
     ]
     with open(path, "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in kept)
-    return len(entries) - len(kept)
+    return len(lines) - len(kept)
 
 
 def wire_shape(zoom: ZoomConfig) -> tuple[int, int, int, int]:

@@ -427,7 +427,7 @@ def derive_max_concurrent_trials(cluster: dict[str, float], configs: list[RunCon
                     f"trial {cfg.run.name} needs {amount:g} {resource} ({cfg.run.num_workers} worker(s) "
                     f"and its driver) besides {reserve:g} CPU for data tasks; the cluster "
                     f"has {cluster.get(resource, 0):g} now: lower run.num_workers / run.cpus_per_worker / "
-                    "data.*_num_cpus, or, on a cluster that autoscales, set max_concurrent_trials to "
+                    "data.preprocess_num_cpus, or, on a cluster that autoscales, set max_concurrent_trials to "
                     "the number that fits its largest size"
                 )
         fits.append(min(math.floor(free[r] / amount + 1e-9) for r, amount in need.items()))

@@ -14,16 +14,17 @@ from dragonfly_platform.sweep_config import IMAGE_TOKENS, TFLOPS
 
 def pareto_front(costs: list[float], values: list[float], mode: str) -> list[bool]:
     """Which points no other point beats: lower-or-equal cost and better-or-equal value, strictly
-    better in one. Points without a value (NaN: a trial that never validated) are never on it."""
+    better in one. Points without a value (NaN: a trial that never validated) or a cost (NaN: a
+    config that could not be built) are never on it."""
     sign = 1.0 if mode == "max" else -1.0
     scored = [(c, sign * v) for c, v in zip(costs, values, strict=True)]
     front = []
     for i, (cost, score) in enumerate(scored):
-        if math.isnan(score):
+        if math.isnan(score) or math.isnan(cost):
             front.append(False)
             continue
         dominated = any(
-            j != i and not math.isnan(s) and c <= cost and s >= score and (c < cost or s > score)
+            j != i and not math.isnan(s + c) and c <= cost and s >= score and (c < cost or s > score)
             for j, (c, s) in enumerate(scored)
         )
         front.append(not dominated)
@@ -34,7 +35,7 @@ def mark_pareto(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict
     """Add ``pareto_tokens`` / ``pareto_tflops`` (front against each cost) to each row."""
     values = [number_or_nan(row.get(metric)) for row in rows]
     for cost, column in ((IMAGE_TOKENS, "pareto_tokens"), (TFLOPS, "pareto_tflops")):
-        front = pareto_front([float(row[cost]) for row in rows], values, mode)
+        front = pareto_front([number_or_nan(row.get(cost)) for row in rows], values, mode)
         for row, on_front in zip(rows, front, strict=True):
             row[column] = on_front
     return rows
@@ -109,9 +110,9 @@ def plot_pareto(
         (axes[1], TFLOPS, "pareto_tflops", "TFLOPs per image (appendix F)"),
     ):
         points = [
-            (float(r[cost]), number_or_nan(r.get(metric)), r)
+            (number_or_nan(r.get(cost)), number_or_nan(r.get(metric)), r)
             for r in rows
-            if not math.isnan(number_or_nan(r.get(metric)))
+            if not math.isnan(number_or_nan(r.get(metric)) + number_or_nan(r.get(cost)))
         ]
         ax.scatter([x for x, _, _ in points], [y for _, y, _ in points], color="tab:blue", label="trial")
         front = sorted((x, y) for x, y, r in points if r[column])

@@ -128,4 +128,4 @@ class RankZeroTracker:
             self.client.set_terminated(self.run_id, status=status)
 
 
-__all__ = ["RankZeroTracker", "resolve_mlflow_run", "mark_failed"]
+__all__ = ["RankZeroTracker", "find_mlflow_run", "resolve_mlflow_run", "mark_failed"]

@@ -159,7 +159,8 @@ def _pinned_by_earlier_attempt(cfg: RunConfig) -> str | None:
         return None
     run = find_mlflow_run(cfg)
     logged = run.data.params.get("train.init_from") if run is not None else None
-    if logged and logged.startswith(f"models:/{given.rsplit('@', 1)[0]}/"):
+    name, _, version = (logged or "").removeprefix("models:/").rpartition("/")
+    if logged and name == given.rsplit("@", 1)[0] and version.isdigit():
         log.info("rerun of %s: train.init_from stays %s, pinned by its first attempt", cfg.run.name, logged)
         return logged
     return None
@@ -359,6 +360,7 @@ class Worker:
             world_size=self.world_size,
             epoch=epoch,
             start=start,
+            processor_key=self.processor_url,  # the same processor on every rank, epoch and split
         )
 
     def _batches(self, dataset, split: str):

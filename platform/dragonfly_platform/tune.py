@@ -11,11 +11,13 @@ The sweep recipe, its search space and the upfront validation of every trial are
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dragonfly.config import ConfigError
 from dragonfly_platform.config import RunConfig, redact_params
 from dragonfly_platform.storage import is_s3
 from dragonfly_platform.sweep_config import (
@@ -381,9 +383,8 @@ class SweepInterrupted(RuntimeError):
 
 
 def result_rows(grid, sweep: SweepConfig, base_raw: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per trial: its searched values, image cost, last metrics and how it ended. The image
-    cost comes from the trial's config, so a trial that failed before its first report has a row
-    (and a place in the results files) too."""
+    """One row per trial: its searched values, image cost, last metrics and how it ended. A trial
+    that failed before its first report has a row too, its image cost taken from its config."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -391,12 +392,13 @@ def result_rows(grid, sweep: SweepConfig, base_raw: dict[str, Any]) -> list[dict
             f"{type(result.error).__name__}: {result.error}" if result.error else None
         )
         overrides = trial_overrides(result.config)
+        reported = {key: metrics[key] for key in (IMAGE_TOKENS, TFLOPS) if metrics.get(key) is not None}
         row = {
-            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "trial_id": metrics.get("trial_id") or _trial_id_of(result.path),
             "status": "error" if error else ("complete" if metrics.get(COMPLETE) else "stopped_early"),
             "reports": _validation_rounds(result),
             **overrides,
-            **image_budget(resolve_trial_config(base_raw, sweep, overrides)),
+            **(reported or _config_budget(base_raw, sweep, overrides)),
             sweep.metric: None if error else metrics.get(sweep.metric),
             EXACT_MATCH: metrics.get(EXACT_MATCH),
             "mlflow_run_id": metrics.get("mlflow_run_id"),
@@ -404,6 +406,23 @@ def result_rows(grid, sweep: SweepConfig, base_raw: dict[str, Any]) -> list[dict
         }
         rows.append(row)
     return sorted(rows, key=lambda r: str(r["trial_id"]))
+
+
+def _config_budget(base_raw: dict[str, Any], sweep: SweepConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The image cost of a trial that reported none; None where its config cannot be built (what
+    failed the trial, e.g. a sampled value its field rejects)."""
+    try:
+        return image_budget(resolve_trial_config(base_raw, sweep, overrides))
+    except ConfigError:
+        return {IMAGE_TOKENS: None, TFLOPS: None}
+
+
+def _trial_id_of(path: str) -> str:
+    """Tune's trial id (``<5 hex>_<5 digits>``) from a trial folder's name, for a trial that never
+    reported (reports carry the id); the folder name if it has none."""
+    name = Path(path).name
+    found = re.search(r"(?:^|_)([0-9a-f]{5}_\d{5})(?:_|$)", name)
+    return found.group(1) if found else name
 
 
 def _validation_rounds(result) -> int:

@@ -181,8 +181,9 @@ def test_a_resumed_rank_keeps_the_bad_records_before_its_position_only(tmp_path)
             json.dumps({"id": "old", "source": "o.png", "reason": "truncated", "message": "", "epoch": 0})
             + "\n"
         )
+        f.write('{"id": "torn", "sour')  # a crash mid-write: dropped (the record comes again)
 
-    assert keep_records_before(str(path), epoch=1, start=5) == 2  # resumes at position 5 of epoch 1
+    assert keep_records_before(str(path), epoch=1, start=5) == 3  # resumes at position 5 of epoch 1
     assert list(_bad_file(path)) == ["e0-3", "e0-9", "e1-2", "old"]
     assert keep_records_before(str(path), epoch=1, start=5) == 0
     assert keep_records_before(str(path), epoch=0, start=4) == 2
@@ -267,6 +268,34 @@ def test_manifest_round_trip(ray_cluster, demo, processor, tmp_path):
         "Operator 1 MapBatches(tokenize_rows)->MapBatches(fetch_images)->MapBatches(make_crop_rows)"
         in ds.stats()
     )
+
+
+def test_each_preprocessing_task_takes_exactly_rows_per_block_rows(ray_cluster, demo, processor):
+    """Blocks of rows_per_block rows in manifest order, the last one shorter. Spread evenly instead
+    (from_items), 8-row batches over the 7- and 6-row blocks of this manifest made tasks of 13-14
+    rows and output blocks above the size rows_per_block promises."""
+    config = _config(str(demo / "train.jsonl"), rows_per_block=8)
+    ds, n_rows = build_dataset(config, processor, "train")
+    blocks = [
+        table.column("local_index").to_pylist()
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    ]
+    assert [len(b) for b in blocks] == [8] * (n_rows // 8) + ([n_rows % 8] if n_rows % 8 else [])
+    assert sum(blocks, []) == list(range(n_rows))
+
+
+def test_preprocessing_workers_keep_a_few_processors_by_name(ray_cluster):
+    """Every rank, epoch and split of a run puts its own copy of the run's processor; a worker
+    unpickles it once per name (a real tokenizer takes ~1 s), keeping the last few names."""
+    import ray
+
+    from dragonfly_platform import data
+
+    assert data._processor(ray.put("run A's processor"), "run-a") == "run A's processor"
+    assert data._processor(ray.put("another copy"), "run-a") == "run A's processor"  # not unpickled
+    for i in range(data._PROCESSORS_KEPT):
+        data._processor(ray.put(f"processor {i}"), f"run-{i}")
+    assert data._processor(ray.put("run A's, again"), "run-a") == "run A's, again"  # evicted
 
 
 def test_two_ranks_split_uneven_data_exactly_and_resume_mid_epoch(ray_cluster, demo, processor, tmp_path):

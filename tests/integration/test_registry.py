@@ -310,3 +310,6 @@ def test_registered_pyfunc_model_loads_and_answers(client, runs, export_dir, tmp
     assert rerun.run_config.train.init_from == f"models:/{name}/1"
     raw["run"]["name"] = "from-registry-later"
     assert prepare_run(parse_run_config(raw)).run_config.train.init_from == f"models:/{name}/2"
+    # That run's first attempt never started training (no params): its rerun follows the alias.
+    client.set_registered_model_alias(name, CHAMPION, "1")
+    assert prepare_run(parse_run_config(raw)).run_config.train.init_from == f"models:/{name}/1"

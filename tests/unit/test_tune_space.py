@@ -335,49 +335,69 @@ def test_results_files_agree_with_the_rows(tmp_path):
 
 
 def test_a_trial_that_failed_before_reporting_has_its_row_and_cost(tmp_path):
-    """A trial that raised before its first report (say, its MLflow run could not be created on every
-    attempt) has no metrics, only Tune's error; it still gets a row with its image cost from its
-    config, so the results files list every trial. Its cost used to come from its reports: no row."""
+    """A trial that raised before its first report (say, its MLflow run could not be created on any
+    attempt) has no metrics, only Tune's error; it still gets a row, its image cost from its
+    config, so the results files list every trial. Such trials used to be left out. A trial that
+    reported keeps the cost it reported (a resumed sweep's base recipe may have changed since); one
+    whose config cannot be built has no cost, and the results are still written."""
     from types import SimpleNamespace
 
     from dragonfly_platform.tune import COMPLETE, TRIAL_ERROR, result_rows
 
     sweep = sweep_from(tmp_path, search={"model.tokens.tokens.high": {"grid": [16, 36]}})
     base = load_base(sweep)
-    finished = SimpleNamespace(
-        config={GRID_KEY: {"model.tokens.tokens.high": 16}},
-        metrics={"trial_id": "t1", COMPLETE: 1, "val_loss": 1.5, IMAGE_TOKENS: -1, "mlflow_run_id": "r1"},
-        error=None,
-        path=str(tmp_path / "t1"),
-        metrics_dataframe=None,
+
+    def trial(high, metrics, error, folder):
+        grid = {GRID_KEY: {"model.tokens.tokens.high": high}}
+        return SimpleNamespace(
+            config=grid, metrics=metrics, error=error, path=str(tmp_path / folder), metrics_dataframe=None
+        )
+
+    finished = trial(
+        16,
+        {
+            "trial_id": "1a2b3_00000",
+            COMPLETE: 1,
+            "val_loss": 1.5,
+            IMAGE_TOKENS: 100,
+            TFLOPS: 4.5,
+            "mlflow_run_id": "r1",
+        },
+        None,
+        "run_trial_1a2b3_00000_0_high=16_2026-11-30_05-00-00",
     )
-    failed = SimpleNamespace(
-        config={GRID_KEY: {"model.tokens.tokens.high": 36}},
-        metrics={},
-        error=RuntimeError("tracking server unreachable"),
-        path=str(tmp_path / "run_trial_t2"),
-        metrics_dataframe=None,
+    failed = trial(
+        36,
+        {},
+        RuntimeError("tracking server unreachable"),
+        "run_trial_1a2b3_00001_1_high=36_2026-11-30_05-00-01",
     )
-    rows = result_rows([failed, finished], sweep, base)
-    assert [r["trial_id"] for r in rows] == ["run_trial_t2", "t1"]
-    expected = {
-        high: image_budget(resolve_trial_config(base, sweep, {"model.tokens.tokens.high": high}))
-        for high in (16, 36)
-    }
-    assert expected[16][IMAGE_TOKENS] != expected[36][IMAGE_TOKENS]
-    for row, high in zip(rows, (36, 16), strict=True):
-        assert row["model.tokens.tokens.high"] == high
-        assert (row[IMAGE_TOKENS], row[TFLOPS]) == (expected[high][IMAGE_TOKENS], expected[high][TFLOPS])
-    assert rows[0]["status"] == "error" and rows[0]["error"] == "RuntimeError: tracking server unreachable"
-    assert rows[0]["val_loss"] is None and rows[0]["mlflow_run_id"] is None and TRIAL_ERROR not in rows[0]
-    assert rows[1]["status"] == "complete" and rows[1]["val_loss"] == 1.5 and rows[1]["error"] is None
+    broken = trial(
+        23.7, None, ValueError("not an integer"), "run_trial_1a2b3_00002_2_high=23.7_2026-11-30_05-00-02"
+    )
+    rows = result_rows([broken, failed, finished], sweep, base)
+
+    assert [r["trial_id"] for r in rows] == ["1a2b3_00000", "1a2b3_00001", "1a2b3_00002"]
+    by_config = image_budget(resolve_trial_config(base, sweep, {"model.tokens.tokens.high": 36}))
+    assert [(r[IMAGE_TOKENS], r[TFLOPS]) for r in rows] == [
+        (100, 4.5),
+        (by_config[IMAGE_TOKENS], by_config[TFLOPS]),
+        (None, None),
+    ]
+    assert [(r["status"], r["error"]) for r in rows] == [
+        ("complete", None),
+        ("error", "RuntimeError: tracking server unreachable"),
+        ("error", "ValueError: not an integer"),
+    ]
+    assert rows[1]["val_loss"] is None and rows[1]["mlflow_run_id"] is None and TRIAL_ERROR not in rows[1]
 
     paths = write_results(rows, ["model.tokens.tokens.high"], "val_loss", "min", tmp_path / "out")
     with open(paths["csv"]) as f:
         table = list(csv.DictReader(f))
-    assert [(r["trial_id"], r["status"], int(r[IMAGE_TOKENS])) for r in table] == [
-        ("run_trial_t2", "error", expected[36][IMAGE_TOKENS]),
-        ("t1", "complete", expected[16][IMAGE_TOKENS]),
+    assert [(r["trial_id"], r[IMAGE_TOKENS], r["pareto_tokens"]) for r in table] == [
+        ("1a2b3_00000", "100", "True"),
+        ("1a2b3_00001", str(by_config[IMAGE_TOKENS]), "False"),
+        ("1a2b3_00002", "", "False"),
     ]
 
 
