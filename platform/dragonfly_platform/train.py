@@ -669,11 +669,13 @@ class Worker:
         import ray.train
         from ray.train import Checkpoint, CheckpointUploadMode
 
+        from dragonfly_platform.train_callbacks import checkpoint_folder_name
+
         self._publish_bad_records()
         folder = tempfile.mkdtemp(prefix=f"dragonfly-ckpt-{self.state.step}-")
         self.engine.save_checkpoint(folder, tag=DEEPSPEED_TAG)
         self.state.save(folder, self.rank)
-        name = f"checkpoint_step_{self.state.step:07d}"
+        name = checkpoint_folder_name(self.state.step)
         mode = (
             CheckpointUploadMode.ASYNC
             if self.cfg.resolved_checkpoint_upload() == "async"

@@ -29,7 +29,13 @@ log = logging.getLogger("dragonfly.train")
 # Errors that say the same thing on every attempt: the run's data or config, not a machine.
 PERMANENT_ERRORS = (ConfigError, TooManyBadRecords)
 LATEST_CHECKPOINT_TAG = "checkpoint.latest"
-CHECKPOINT_TAG_PREFIX = "checkpoint.checkpoint_step_"
+CHECKPOINT_FOLDER_PREFIX = "checkpoint_step_"
+CHECKPOINT_TAG_PREFIX = f"checkpoint.{CHECKPOINT_FOLDER_PREFIX}"
+
+
+def checkpoint_folder_name(step: int) -> str:
+    """``checkpoint_step_NNNNNNN``: zero-padded, so folder names sort by step."""
+    return f"{CHECKPOINT_FOLDER_PREFIX}{step:07d}"
 
 
 class StopOnPermanentError(UserCallback):
