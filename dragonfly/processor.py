@@ -119,8 +119,8 @@ class DragonflyProcessor:
     first exchange (with the image block) does not fit raises ``RecordError("too_long")``.
     ``chat_template`` replaces the tokenizer's: ``"released"`` (the released Dragonfly's prompt, for
     converted checkpoints) or a Jinja template. ``train_on_user_turns`` also supervises the text of
-    user turns (the released code's behaviour; the template's headers and preamble stay
-    unsupervised); image positions are never supervised.
+    user turns (as the released code does, which supervises the headers too; here the template's
+    headers and preamble stay unsupervised); image positions are never supervised.
     """
 
     def __init__(
