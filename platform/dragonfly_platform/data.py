@@ -101,11 +101,10 @@ class DataConfig(BaseModel):
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     # Placement of the preprocessing tasks (tokenize, fetch, crop: the CPU-heavy work). On a cluster
-    # with CPU and GPU node groups,
-    # give CPU nodes a custom resource (``ray start --resources='{"cpu_preprocess": 1000}'``) and
-    # set ``preprocess_resources: {cpu_preprocess: 0.001}``, or label them (``ray start
-    # --labels=dragonfly/node-role=cpu``) and set ``preprocess_label_selector``. Unset (local
-    # runs): anywhere.
+    # with CPU and GPU node groups, give CPU nodes a custom resource (``ray start
+    # --resources='{"cpu_preprocess": 1000}'``) and set ``preprocess_resources: {cpu_preprocess:
+    # 0.001}``, or label them (``ray start --labels=dragonfly/node-role=cpu``) and set
+    # ``preprocess_label_selector``. Unset (local runs): anywhere.
     preprocess_resources: dict[str, float] = Field(default_factory=dict)
     preprocess_label_selector: dict[str, str] | None = None
     preprocess_num_cpus: Annotated[float, Field(gt=0)] = 1.0  # per preprocessing task
@@ -115,7 +114,8 @@ class DataConfig(BaseModel):
 
     # Rows per preprocessing task, i.e. per output block: 8 rows of 13.9 MB (111 MB) stay under Ray
     # Data's 128 MiB block target, so the object store holds a few blocks, not whole shards. Fewer,
-    # larger tasks cost less per sample (2 cores: 4 rows 42%, 8 rows 52% of the crop engine's rate).
+    # larger tasks cost less per sample (2 cores, session 4: 4 rows 42%, 8 rows 52% of the crop
+    # engine's rate).
     rows_per_block: Annotated[int, Field(gt=0)] = 8
     prefetch_batches: Annotated[int, Field(ge=0)] = 2
 

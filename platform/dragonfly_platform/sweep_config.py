@@ -407,16 +407,12 @@ def trial_resources(cfg: RunConfig) -> dict[str, float]:
     return need
 
 
-def data_task_cpus(cfg: RunConfig) -> float:
-    """CPUs a Ray Data task of a trial's pipeline asks for (tokenize + fetch + crop). One such task
-    must always be able to start, or every trial waits for data forever, showing no error."""
-    return cfg.data.preprocess_num_cpus
-
-
 def derive_max_concurrent_trials(cluster: dict[str, float], configs: list[RunConfig]) -> int:
     """How many trials fit side by side, sized by the hungriest trial, with room left for one data
     task. A trial that cannot fit at all is an error: Train would wait for its workers forever."""
-    reserve = max(data_task_cpus(cfg) for cfg in configs)
+    # One preprocessing task (tokenize + fetch + crop) must always be able to start, or every trial
+    # waits for data forever, showing no error.
+    reserve = max(cfg.data.preprocess_num_cpus for cfg in configs)
     free = {**cluster, "CPU": cluster.get("CPU", 0.0) - reserve}
     fits = []
     for cfg in configs:
@@ -451,5 +447,4 @@ __all__ = [
     "searched_keys",
     "trial_resources",
     "derive_max_concurrent_trials",
-    "data_task_cpus",
 ]

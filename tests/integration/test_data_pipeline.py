@@ -272,8 +272,8 @@ def test_manifest_round_trip(ray_cluster, demo, processor, tmp_path):
 
 def test_each_preprocessing_task_takes_exactly_rows_per_block_rows(ray_cluster, demo, processor):
     """Blocks of rows_per_block rows in manifest order, the last one shorter. Spread evenly instead
-    (from_items), 8-row batches over the 7- and 6-row blocks of this manifest made tasks of 13-14
-    rows and output blocks above the size rows_per_block promises."""
+    (from_items), 8-row batches over the 7- and 6-row blocks of this manifest (25 rows) made tasks
+    of 12-13 rows and output blocks above the size rows_per_block promises."""
     config = _config(str(demo / "train.jsonl"), rows_per_block=8)
     ds, n_rows = build_dataset(config, processor, "train")
     blocks = [
