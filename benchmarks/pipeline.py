@@ -4,11 +4,13 @@
 
 1. Writes the demo dataset and a manifest of ``--samples`` image records cycling through its images
    (text-only records left out, so both sides do the same work per sample).
-2. Crop engine alone: ``--cpus`` processes (one torch thread each) read each file and call
-   ``dragonfly.zoom.make_crops``; samples/s over ``--baseline-samples``, before and after the
-   pipeline (the reference is their mean).
-3. The whole pipeline on a local Ray with ``--cpus`` CPUs: manifest -> tokenize + fetch + crops (one task) ->
-   ``iter_train_batches`` (collate) into a consumer that touches every batch; samples/s, the
+2. Crop engine alone: ``--cpus`` processes (one torch thread each, imports warmed up first) read
+   each file and call ``dragonfly.zoom.make_crops``; samples/s over ``--baseline-samples``, before
+   and after the pipelines (the reference is their mean).
+3. The whole pipeline, once per ``--preprocess-pool`` (tasks, then a fixed pool of one actor per
+   CPU), each on a fresh local Ray with ``--cpus`` CPUs: manifest -> tokenize + fetch + crops ->
+   ``iter_train_batches`` (collate) into a consumer that touches every batch; samples/s end to end
+   and after the first batch (the pipeline's start-up excluded, as the crop engine's is), the
    object store's peak use and spilled bytes (polled from the raylet), bytes per sample.
 
 Target (issue 4): the pipeline keeps at least 80% of the crop engine's rate and spills nothing.
@@ -85,11 +87,16 @@ def crop_engine_rate(paths: list[str], zoom: ZoomConfig, cpus: int) -> dict:
 
 class CpuByRole:
     """CPU seconds this machine's processes spend during a phase, by role: where the pipeline's
-    cores go besides cropping. Processes that end inside the phase are not counted."""
+    cores go besides cropping. Polled every ``interval_s``: a process that ends inside the phase
+    (an actor pool's workers end with their dataset) counts up to its last poll."""
 
-    def __init__(self):
+    def __init__(self, interval_s: float = 1.0):
         self._start = self._snapshot()
-        self.seconds: dict[str, float] = {}
+        self._last = dict(self._start)
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
 
     @staticmethod
     def _role(proc: psutil.Process) -> str:
@@ -100,7 +107,7 @@ class CpuByRole:
         if name in ("raylet", "gcs_server"):
             return name
         if name.startswith("ray::") or "default_worker.py" in cmdline.split(" ", 2)[:2]:
-            return "Ray workers (tasks, Ray Data's actors)"
+            return "Ray workers (tasks, actors)"
         if "ray" in cmdline:
             return "other Ray daemons"
         return "rest of the machine"
@@ -113,11 +120,19 @@ class CpuByRole:
                 out[proc.pid] = (self._role(proc), times.user + times.system)
         return out
 
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._last.update(self._snapshot())
+
     def stop(self) -> dict[str, float]:
-        for pid, (role, cpu) in self._snapshot().items():
+        self._stop.set()
+        self._thread.join()
+        self._last.update(self._snapshot())
+        seconds: dict[str, float] = {}
+        for pid, (role, cpu) in self._last.items():
             before = self._start.get(pid, (role, 0.0))[1]
-            self.seconds[role] = self.seconds.get(role, 0.0) + max(0.0, cpu - before)
-        return self.seconds
+            seconds[role] = seconds.get(role, 0.0) + max(0.0, cpu - before)
+        return seconds
 
 
 class StoreMonitor:
@@ -155,11 +170,14 @@ class StoreMonitor:
         self.sample()
 
 
-def pipeline_rate(manifest: Path, processor: DragonflyProcessor, args, out_dir: str) -> dict:
+def pipeline_rate(manifest: Path, processor: DragonflyProcessor, pool: str, args, out_dir: str) -> dict:
     config = DataConfig(
         train_manifest=str(manifest),
         rows_per_block=args.rows_per_block,
         preprocess_num_cpus=args.preprocess_num_cpus,
+        preprocess_pool=pool,
+        # A fixed pool of one actor per CPU share: the rate once running, not the pool's growth.
+        preprocess_concurrency=int(args.cpus / args.preprocess_num_cpus) if pool == "actors" else None,
     )
     ds, n_rows = build_dataset(config, processor, "train")
     log = BadRecordLog.for_rank(config, out_dir, "train", rank=0)
@@ -194,6 +212,7 @@ def pipeline_rate(manifest: Path, processor: DragonflyProcessor, args, out_dir: 
         "seconds": elapsed,
         "samples_per_s": samples / elapsed,
         "steady_samples_per_s": steady,
+        "first_batch_s": first_batch_at - start if first_batch_at is not None else None,
         "bytes_per_sample": (pixel_bytes + token_bytes) / max(samples, 1),
         "peak_object_store_bytes": monitor.peak_used,
         "spilled_bytes": monitor.spilled,
@@ -201,6 +220,24 @@ def pipeline_rate(manifest: Path, processor: DragonflyProcessor, args, out_dir: 
         "cpu_seconds_by_role": cpu_seconds,
         "ray_data_stats": ds.stats(),
     }
+
+
+def run_on_fresh_ray(manifest: Path, processor: DragonflyProcessor, pool: str, args, tmp: str) -> dict:
+    """One pipeline run on a Ray head of its own."""
+    # Every port free-chosen: concurrent Ray instances on one machine otherwise collide on fixed
+    # default ports (the dashboard agent's 52365).
+    head = start_ray_head(num_cpus=args.cpus, object_store_memory=int(args.object_store_gib * 1024**3))
+    os.environ.update({k: v for k, v in head.env().items() if k != "RAY_ADDRESS"})
+    os.environ[LOOPBACK_ONLY_ENV] = "0"  # connect on loopback, where the head listens
+    import ray  # after these variables: Ray reads them at import
+
+    try:
+        ray.init(address=head.address, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        return pipeline_rate(manifest, processor, pool, args, tmp)
+    finally:
+        ray.shutdown()
+        head.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--preprocess-num-cpus", type=float, default=DataConfig.model_fields["preprocess_num_cpus"].default
     )
+    parser.add_argument(
+        "--preprocess-pool",
+        nargs="+",
+        choices=["tasks", "actors"],
+        default=["tasks", "actors"],
+        help="pipelines to run, one after the other, each against the same crop engine figures",
+    )
     parser.add_argument("--object-store-gib", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/pipeline.json")
@@ -229,32 +273,25 @@ def main(argv: list[str] | None = None) -> int:
         manifest = make_manifest(Path(tmp) / "data", args.samples, args.seed)
         paths = [str(Path(tmp) / "data" / r.image) for r in read_manifest(str(manifest))]
         engine_before = crop_engine_rate(paths[: args.baseline_samples], zoom, args.cpus)
-        # A head of our own with every port free-chosen: concurrent Ray instances on one machine
-        # otherwise collide on fixed default ports (the dashboard agent's 52365).
-        head = start_ray_head(num_cpus=args.cpus, object_store_memory=int(args.object_store_gib * 1024**3))
-        os.environ.update({k: v for k, v in head.env().items() if k != "RAY_ADDRESS"})
-        os.environ[LOOPBACK_ONLY_ENV] = "0"  # connect on loopback, where the head listens
-        import ray  # after these variables: Ray reads them at import
-
-        try:
-            ray.init(address=head.address, log_to_driver=False)
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            pipeline = pipeline_rate(manifest, processor, args, tmp)
-        finally:
-            ray.shutdown()
-            head.stop()
-        # Measured on both sides of the pipeline: the host's speed drifts within minutes.
+        pipelines = {}
+        for pool in args.preprocess_pool:
+            # A process of its own per pipeline: a fresh Ray (Ray reads its head's settings once, at
+            # import) and no warm workers inherited from the run before.
+            with get_context("spawn").Pool(1) as driver:
+                pipelines[pool] = driver.apply(run_on_fresh_ray, (manifest, processor, pool, args, tmp))
+        # Measured on both sides of the pipelines: the host's speed drifts within minutes.
         engine_after = crop_engine_rate(paths[: args.baseline_samples], zoom, args.cpus)
     rates = [engine_before["samples_per_s"], engine_after["samples_per_s"]]
     baseline = {"samples_per_s": sum(rates) / 2, "before": engine_before, "after": engine_after}
+    for pipeline in pipelines.values():
+        pipeline["over_crop_engine"] = pipeline["samples_per_s"] / baseline["samples_per_s"]
+        pipeline["steady_over_crop_engine"] = pipeline["steady_samples_per_s"] / baseline["samples_per_s"]
 
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "n_tiles": zoom.n_tiles,
         "crop_engine_alone": baseline,
-        "pipeline": pipeline,
-        "pipeline_over_crop_engine": pipeline["samples_per_s"] / baseline["samples_per_s"],
-        "steady_pipeline_over_crop_engine": pipeline["steady_samples_per_s"] / baseline["samples_per_s"],
+        "pipelines": pipelines,
         "machine": {"cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -262,28 +299,38 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, f, indent=2)
 
     mib = 1024**2
-    print(f"{'measure':<44}{'value':>14}")
-    print("-" * 58)
+    pools = list(pipelines)
+    print(
+        f"crop engine alone: {rates[0]:.1f} / {rates[1]:.1f} samples/s before / after, mean {baseline['samples_per_s']:.2f}"
+    )
+    print(f"{'pipeline (preprocess_pool)':<40}" + "".join(f"{pool:>14}" for pool in pools))
+    print("-" * (40 + 14 * len(pools)))
     rows = [
-        ("crop engine alone (samples/s), before/after", f"{rates[0]:.1f} / {rates[1]:.1f}"),
-        ("crop engine alone (samples/s), mean", f"{baseline['samples_per_s']:.2f}"),
-        ("pipeline end to end (samples/s)", f"{pipeline['samples_per_s']:.2f}"),
-        ("pipeline after first batch (samples/s)", f"{pipeline['steady_samples_per_s']:.2f}"),
-        ("pipeline / crop engine", f"{result['pipeline_over_crop_engine']:.0%}"),
-        ("pipeline / crop engine, steady", f"{result['steady_pipeline_over_crop_engine']:.0%}"),
-        ("bytes per sample (MiB)", f"{pipeline['bytes_per_sample'] / mib:.2f}"),
-        ("peak object store (MiB)", f"{pipeline['peak_object_store_bytes'] / mib:.0f}"),
-        ("spilled (MiB)", f"{pipeline['spilled_bytes'] / mib:.0f}"),
-        ("samples", f"{pipeline['samples']}"),
+        ("end to end (samples/s)", lambda p: f"{p['samples_per_s']:.2f}"),
+        ("after first batch (samples/s)", lambda p: f"{p['steady_samples_per_s']:.2f}"),
+        ("first batch after (s)", lambda p: f"{p['first_batch_s']:.1f}"),
+        ("end to end / crop engine", lambda p: f"{p['over_crop_engine']:.0%}"),
+        ("after first batch / crop engine", lambda p: f"{p['steady_over_crop_engine']:.0%}"),
+        ("bytes per sample (MiB)", lambda p: f"{p['bytes_per_sample'] / mib:.2f}"),
+        ("peak object store (MiB)", lambda p: f"{p['peak_object_store_bytes'] / mib:.0f}"),
+        ("spilled (MiB)", lambda p: f"{p['spilled_bytes'] / mib:.0f}"),
+        ("samples", lambda p: f"{p['samples']}"),
     ]
     for name, value in rows:
-        print(f"{name:<44}{value:>14}")
+        print(f"{name:<40}" + "".join(f"{value(pipelines[pool]):>14}" for pool in pools))
     print("CPU ms per sample, by role:")
-    for role, seconds in sorted(pipeline["cpu_seconds_by_role"].items(), key=lambda kv: -kv[1]):
-        print(f"  {role:<42}{1000 * seconds / max(pipeline['samples'], 1):>14.1f}")
+    roles = sorted({role for p in pipelines.values() for role in p["cpu_seconds_by_role"]})
+    for role in roles:
+        print(
+            f"  {role:<38}"
+            + "".join(
+                f"{1000 * p['cpu_seconds_by_role'].get(role, 0.0) / max(p['samples'], 1):>14.1f}"
+                for p in pipelines.values()
+            )
+        )
     # Both processes are busy throughout, so cores x wall time per sample is their CPU time per sample.
     print(
-        f"  {'crop engine alone (cpus x wall per sample)':<42}{1000 * args.cpus / baseline['samples_per_s']:>14.1f}"
+        f"  {'crop engine alone (cpus x wall per sample)':<38}{1000 * args.cpus / baseline['samples_per_s']:>14.1f}"
     )
     print(f"wrote {args.out}")
     return 0

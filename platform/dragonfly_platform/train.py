@@ -146,6 +146,7 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
         publish_dir(tmp, processor_url, storage)
     run_id = resolve_mlflow_run(cfg)
     _warn_of_unoffered_preprocess_resources(cfg)
+    _warn_of_actor_pools_that_cannot_all_start(cfg)
     return PreparedRun(cfg, run_id, processor_url)
 
 
@@ -182,6 +183,30 @@ def _warn_of_unoffered_preprocess_resources(cfg: RunConfig) -> None:
             "the autoscaler adds such a node. On a cluster without a CPU preprocessing group, set "
             "data.preprocess_resources={} (docs/cluster.md)",
             ", ".join(missing),
+        )
+
+
+def _warn_of_actor_pools_that_cannot_all_start(cfg: RunConfig) -> None:
+    """With ``data.preprocess_pool: actors``, every rank's pool must start beside the train
+    workers; on a cluster too small for that (and no autoscaler to grow it) the ranks hang."""
+    import ray
+
+    from dragonfly_platform.data import actor_pool_cpus
+
+    pools = actor_pool_cpus(cfg.data, cfg.run.num_workers)
+    workers = cfg.run.num_workers * cfg.run.cpus_per_worker
+    cpus = ray.cluster_resources().get("CPU", 0.0) if ray.is_initialized() else None
+    if pools and cpus is not None and workers + pools > cpus:
+        log.warning(
+            "the preprocessing actor pools need %g CPUs at once (%d ranks x %d actors x %g CPUs) beside "
+            "the train workers' %g, and this cluster has %g: unless the autoscaler adds nodes, the ranks "
+            "will wait on each other forever. Set data.preprocess_pool=tasks, or fewer or smaller actors",
+            pools,
+            cfg.run.num_workers,
+            cfg.data.preprocess_concurrency or 1,
+            cfg.data.preprocess_num_cpus,
+            workers,
+            cpus,
         )
 
 

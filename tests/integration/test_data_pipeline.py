@@ -222,6 +222,52 @@ def test_a_local_file_that_cannot_be_read_is_a_bad_record_not_an_outage(tmp_path
     ]
 
 
+def test_a_blocks_crop_buffer_is_reused_only_once_nothing_refers_to_it(demo):
+    """make_crop_rows writes a block's crops into the previous block's buffer once that block's
+    table is gone (a fresh 111 MB buffer per block costs a page fault per 4 KiB); while a table is
+    alive, the next block must not write into its pixels."""
+    from dragonfly_platform import data
+
+    records = [
+        r for r in read_manifest(str(demo / "train.jsonl")) if r.has_image and r.id not in EXPECTED_BAD
+    ]
+
+    def crop_block(recs) -> pa.Table:
+        rows = [
+            {
+                "id": r.id,
+                "local_index": i,
+                "source": r.image,
+                "has_image": True,
+                "input_ids": [1],
+                "labels": [1],
+            }
+            for i, r in enumerate(recs)
+        ]
+        images = pa.array([(demo / r.image).read_bytes() for r in recs], type=pa.large_binary())
+        block = pa.Table.from_pylist(rows, schema=ROW_SCHEMA).append_column("image_bytes", images)
+        return data.make_crop_rows(block, zoom=ZOOM)
+
+    def pixels(table: pa.Table) -> list[np.ndarray]:
+        # The wire's channels-last bytes, viewed as the crop engine's (n_tiles, 3, R, R), as iter_samples does.
+        shape = data.wire_shape(ZOOM)
+        return [
+            np.frombuffer(v.as_py(), np.uint8).reshape(shape).transpose(0, 3, 1, 2)
+            for v in table.column("pixels")
+        ]
+
+    expected = [make_crops((demo / r.image).read_bytes(), ZOOM).pixels for r in records[:4]]
+    first = crop_block(records[:2])
+    second = crop_block(records[2:4])  # while the first table is alive
+    for got, want in zip(pixels(first) + pixels(second), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    address = data._last_crop_buffer.ctypes.data  # the second block's
+    del first, second
+    third = crop_block(records[:1])
+    assert data._last_crop_buffer.ctypes.data == address  # reused
+    np.testing.assert_array_equal(pixels(third)[0], expected[0])
+
+
 def test_too_many_bad_records_names_the_published_file(tmp_path):
     """A training worker writes its log locally and publishes it to the run's folder: the error must
     send the user to the published copy, not to a temporary file on some worker node."""
@@ -245,8 +291,9 @@ def test_a_manifest_that_is_not_one_fails_before_any_work(ray_cluster, tmp_path,
         build_dataset(_config(str(bad)), processor, "train")
 
 
-def test_manifest_round_trip(ray_cluster, demo, processor, tmp_path):
-    config = _config(str(demo / "train.jsonl"))
+@pytest.mark.parametrize("pool", ["tasks", "actors"])
+def test_manifest_round_trip(ray_cluster, demo, processor, tmp_path, pool):
+    config = _config(str(demo / "train.jsonl"), preprocess_pool=pool)
     ds, n_rows = build_dataset(config, processor, "train")
     records = read_manifest(str(demo / "train.jsonl"))
     assert n_rows == len(records)
@@ -264,10 +311,8 @@ def test_manifest_round_trip(ray_cluster, demo, processor, tmp_path):
     assert written["bad-too-long"]["source"] == f"{demo / 'train.jsonl'}:{len(records)}"
     # Tokenize, fetch and crop ran as one task (same resources): image bytes never crossed the
     # object store, and no stage held CPU budget in front of the crops (docs/benchmarks.md).
-    assert (
-        "Operator 1 MapBatches(tokenize_rows)->MapBatches(fetch_images)->MapBatches(make_crop_rows)"
-        in ds.stats()
-    )
+    crop = {"tasks": "make_crop_rows", "actors": "CropRows"}[pool]
+    assert f"Operator 1 MapBatches(tokenize_rows)->MapBatches(fetch_images)->MapBatches({crop})" in ds.stats()
 
 
 def test_each_preprocessing_task_takes_exactly_rows_per_block_rows(ray_cluster, demo, processor):

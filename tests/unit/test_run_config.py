@@ -73,6 +73,19 @@ def test_a_preprocess_resource_that_no_node_offers_is_named():
     )
 
 
+def test_actor_pools_hold_every_ranks_smallest_pool_at_once():
+    """What the driver compares with the cluster's CPUs: tasks hold no CPU between blocks; actor
+    pools hold theirs for the whole dataset, one pool per rank."""
+    from dragonfly_platform.data import actor_pool_cpus
+
+    data = load_run_config(CONFIGS / "tiny_stage1.yaml").data  # concurrency 1, 1 CPU per task
+    assert actor_pool_cpus(data, 2) == 0.0
+    actors = data.model_copy(update={"preprocess_pool": "actors"})
+    assert actor_pool_cpus(actors, 2) == 2.0  # beside the workers' 2 x 0.5: over a 2-CPU box
+    growing = actors.model_copy(update={"preprocess_concurrency": None, "preprocess_num_cpus": 0.25})
+    assert actor_pool_cpus(growing, 4) == 1.0  # a growing pool starts from one actor
+
+
 def test_paper_stage_recipes_follow_table_10():
     stage1, stage2 = load_run_config(CONFIGS / "stage1.yaml"), load_run_config(CONFIGS / "stage2.yaml")
     for cfg, batch, lr, plan in ((stage1, 64, 2e-5, "stage1"), (stage2, 16, 2e-6, "stage2")):
