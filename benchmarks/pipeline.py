@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -176,8 +177,11 @@ def pipeline_rate(manifest: Path, processor: DragonflyProcessor, pool: str, args
         rows_per_block=args.rows_per_block,
         preprocess_num_cpus=args.preprocess_num_cpus,
         preprocess_pool=pool,
+        preprocess_blocks_per_actor=args.preprocess_blocks_per_actor,
         # A fixed pool of one actor per CPU share: the rate once running, not the pool's growth.
-        preprocess_concurrency=int(args.cpus / args.preprocess_num_cpus) if pool == "actors" else None,
+        preprocess_concurrency=max(1, int(args.cpus / args.preprocess_num_cpus))
+        if pool == "actors"
+        else None,
     )
     ds, n_rows = build_dataset(config, processor, "train")
     log = BadRecordLog.for_rank(config, out_dir, "train", rank=0)
@@ -199,13 +203,10 @@ def pipeline_rate(manifest: Path, processor: DragonflyProcessor, pool: str, args
                 # Touch every crop (one byte per 4 KiB): a model moves uint8 to the device as is.
                 # The batch is channels-last: (B, K, R, R, 3) is its C-order view.
                 int(batch["pixels"].permute(0, 1, 3, 4, 2).view(-1)[::4096].sum())
-        elapsed = time.perf_counter() - start
+        end = time.perf_counter()
     cpu_seconds = cpu.stop()
-    steady = (
-        (samples - args.batch_size) / (time.perf_counter() - first_batch_at)
-        if samples > args.batch_size
-        else 0.0
-    )
+    elapsed = end - start
+    steady = (samples - args.batch_size) / (end - first_batch_at) if samples > args.batch_size else 0.0
     return {
         "samples": samples,
         "bad_records": log.bad,
@@ -262,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         default=["tasks", "actors"],
         help="pipelines to run, one after the other, each against the same crop engine figures",
     )
+    parser.add_argument(
+        "--preprocess-blocks-per-actor",
+        type=int,
+        default=DataConfig.model_fields["preprocess_blocks_per_actor"].default,
+    )
     parser.add_argument("--object-store-gib", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/pipeline.json")
@@ -277,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         for pool in args.preprocess_pool:
             # A process of its own per pipeline: a fresh Ray (Ray reads its head's settings once, at
             # import) and no warm workers inherited from the run before.
-            with get_context("spawn").Pool(1) as driver:
-                pipelines[pool] = driver.apply(run_on_fresh_ray, (manifest, processor, pool, args, tmp))
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as driver:
+                pipelines[pool] = driver.submit(
+                    run_on_fresh_ray, manifest, processor, pool, args, tmp
+                ).result()
         # Measured on both sides of the pipelines: the host's speed drifts within minutes.
         engine_after = crop_engine_rate(paths[: args.baseline_samples], zoom, args.cpus)
     rates = [engine_before["samples_per_s"], engine_after["samples_per_s"]]
@@ -308,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("end to end (samples/s)", lambda p: f"{p['samples_per_s']:.2f}"),
         ("after first batch (samples/s)", lambda p: f"{p['steady_samples_per_s']:.2f}"),
-        ("first batch after (s)", lambda p: f"{p['first_batch_s']:.1f}"),
+        ("first batch after (s)", lambda p: f"{p['first_batch_s']:.1f}" if p["first_batch_s"] else "-"),
         ("end to end / crop engine", lambda p: f"{p['over_crop_engine']:.0%}"),
         ("after first batch / crop engine", lambda p: f"{p['steady_over_crop_engine']:.0%}"),
         ("bytes per sample (MiB)", lambda p: f"{p['bytes_per_sample'] / mib:.2f}"),

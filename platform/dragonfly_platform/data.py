@@ -1,11 +1,12 @@
 """The Ray Data pipeline: manifest records in, fixed-shape crops and token ids out.
 
-Stages (one Ray Data task per block, on CPU nodes; run as tasks or on an actor pool, ``preprocess_pool``)::
+Stages (one Ray Data task per block, on CPU nodes; the training split may run on an actor pool instead,
+``preprocess_pool``)::
 
     manifest rows (this rank's share, from the caller)       from_items, blocks of rows_per_block rows
       -> validate + tokenize (processor.encode)               map_batches  }
       -> fetch image bytes (threads, s3fs / local)            map_batches  } same resources: fused by
-      -> decode + crops (dragonfly.zoom.make_crops)           map_batches  } Ray Data into one task
+      -> decode + crops (dragonfly.zoom.make_crops)           map_batches  } Ray Data into one task (or actor call)
       -> consumer in the train worker: drop + log bad rows, collate (pad to the batch's longest)
 
 Validation comes first so that malformed or too-long records never cost image I/O. A record that
@@ -48,7 +49,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dragonfly.config import ZoomConfig
 from dragonfly_platform.manifest import ManifestRecord, read_manifest
@@ -109,17 +110,19 @@ class DataConfig(BaseModel):
     preprocess_resources: dict[str, float] = Field(default_factory=dict)
     preprocess_label_selector: dict[str, str] | None = None
     preprocess_num_cpus: Annotated[float, Field(gt=0)] = 1.0  # per preprocessing task or actor
-    # How the preprocessing runs. "tasks": a Ray task per block, on worker processes Ray keeps warm
-    # across datasets. "actors": a pool of long-lived actors, each sent preprocess_blocks_per_actor
-    # blocks ahead, so it starts the next block the moment it finishes one; with tasks a core waits
-    # while Ray Data notices a finished task and schedules the next (~150 ms per ~260 ms task on
-    # 2 cores). Actors crop faster once running (2 cores, 2026-11-30: 59-75% of the crop engine
-    # against 44-52%) but start anew in every dataset, i.e. each epoch and each evaluation (a few
-    # seconds on a cluster node, ~5 s more than tasks on 2 busy cores): for long epochs on CPU nodes.
+    # How the training split's preprocessing runs (docs/data.md). "tasks": a Ray task per block, on
+    # worker processes Ray keeps warm across datasets; a core waits between tasks while Ray Data
+    # notices a finished one and schedules the next (~110-150 ms per ~260 ms task on 2 cores).
+    # "actors": a fixed pool of preprocess_concurrency long-lived actors per rank, each sent
+    # preprocess_blocks_per_actor blocks ahead, so it starts the next block the moment it finishes
+    # one. Faster once running (2 cores, 2026-11-30: 72-74% of the crop engine after the first
+    # batch against 52-58%), but a pool starts anew each epoch (~4 s later to its first batch on 2 busy
+    # cores) and holds its CPUs until the epoch ends. Validation always runs on tasks: it is short,
+    # and it runs mid-epoch, while the training pools keep their CPUs.
     preprocess_pool: Literal["tasks", "actors"] = "tasks"
     preprocess_blocks_per_actor: Annotated[int, Field(gt=0)] = 2
-    # Max concurrent preprocessing tasks, or the actor pool's fixed size; None: as many as fit (an
-    # actor pool then grows from one actor while Ray Data sees its actors busy).
+    # Max concurrent preprocessing tasks (None: as many as fit), or the actor pool's size (required:
+    # in the benchmark a pool free to grow ran at half the rate of a fixed one).
     preprocess_concurrency: Annotated[int, Field(gt=0)] | None = None
     fetch_threads: Annotated[int, Field(gt=0)] = 16  # concurrent image reads per task
 
@@ -134,6 +137,17 @@ class DataConfig(BaseModel):
     # The fraction is only judged after this many records (or at the end of the stream).
     min_records_for_bad_fraction: Annotated[int, Field(ge=0)] = 100
     shuffle_seed: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _actor_pool_has_a_size(self) -> DataConfig:
+        if self.preprocess_pool == "actors" and self.preprocess_concurrency is None:
+            raise ValueError(
+                "preprocess_pool 'actors' needs preprocess_concurrency, the pool's size per rank"
+            )
+        return self
+
+    def uses_actor_pool(self, split: Split) -> bool:
+        return self.preprocess_pool == "actors" and split == "train"
 
     def manifest(self, split: Split) -> str:
         path = self.train_manifest if split == "train" else self.val_manifest
@@ -155,12 +169,12 @@ def unoffered_preprocess_resources(data_cfg: DataConfig, cluster_resources: dict
 
 
 def actor_pool_cpus(data_cfg: DataConfig, n_ranks: int) -> float:
-    """CPUs that ``n_ranks`` ranks' preprocessing actor pools hold at once at their smallest (0 with
-    tasks). A pool keeps its CPUs for its dataset's whole life, so ranks whose pools cannot all
-    start wait on each other at their first collective, with no error of their own."""
-    if data_cfg.preprocess_pool != "actors":
+    """CPUs that ``n_ranks`` ranks' training actor pools hold at once (0 with tasks). A pool keeps
+    its CPUs for its epoch, so ranks whose pools cannot all start wait on each other at their first
+    collective, with no error of their own; validation tasks need a CPU beside them."""
+    if not data_cfg.uses_actor_pool("train"):
         return 0.0
-    return n_ranks * (data_cfg.preprocess_concurrency or 1) * data_cfg.preprocess_num_cpus
+    return n_ranks * data_cfg.preprocess_concurrency * data_cfg.preprocess_num_cpus
 
 
 def rank_indices(n_records: int, *, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool = True):
@@ -264,13 +278,12 @@ def build_rank_dataset(
         **per_block,
     )
     crop, compute = make_crop_rows, tasks
-    if data_cfg.preprocess_pool == "actors":
+    if data_cfg.uses_actor_pool(split):
         # Ray Data fuses the task stages in front into the actor stage: all three run in the pool.
-        size = data_cfg.preprocess_concurrency
-        pool = {"size": size} if size else {"min_size": 1}  # None: grow from one actor, unbounded
         crop = CropRows
         compute = ray.data.ActorPoolStrategy(
-            **pool, max_tasks_in_flight_per_actor=data_cfg.preprocess_blocks_per_actor
+            size=data_cfg.preprocess_concurrency,
+            max_tasks_in_flight_per_actor=data_cfg.preprocess_blocks_per_actor,
         )
     ds = ds.map_batches(crop, fn_kwargs={"zoom": processor.zoom}, compute=compute, **per_block)
     # Local-index order out of the stream is what makes "last index + 1" an exact resume point.
@@ -401,13 +414,19 @@ def _crop_buffer(n: int, zoom: ZoomConfig) -> np.ndarray:
 
     A block's buffer (8 x 13.9 MB) is above the sizes the allocator keeps for reuse, so a new one
     is mapped afresh for every block and each of its pages faulted in on first write: ~3-4 ms of
-    CPU per sample against ~20 ms of cropping (2026-11-30, 2 cores).
+    CPU per sample against ~20 ms of cropping (2026-11-30, 2 cores). The price: each worker process
+    that has cropped keeps one block's buffer (111 MB at R=336) while it lives.
     """
     global _last_crop_buffer
     shape = wire_shape(zoom)
+    if n == 0:  # a block without images: no view to keep the buffer from the next block
+        return np.empty((0, *shape), dtype=np.uint8)
+    # One call at a time per process: Ray Data runs a task per worker process, and a pool's actor
+    # one call at a time (no multi-threaded actors here).
     buffer = _last_crop_buffer
-    # Three references mean only ours (the global, this name, getrefcount's argument); any more is
-    # a view or an Arrow buffer of a table still alive, whose pixels must not change.
+    # Three references mean only ours (the global, this name, getrefcount's argument: CPython 3.11
+    # and 3.12); any more is a view or an Arrow buffer of a table still alive, whose pixels must not
+    # change (the round-trip test fails if this count goes wrong).
     if buffer is None or buffer.shape[1:] != shape or len(buffer) < n or sys.getrefcount(buffer) > 3:
         buffer = _last_crop_buffer = np.empty((n, *shape), dtype=np.uint8)
     return buffer[:n]

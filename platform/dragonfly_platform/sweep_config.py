@@ -400,8 +400,12 @@ def searched_keys(sweep: SweepConfig) -> list[str]:
 
 
 def trial_resources(cfg: RunConfig) -> dict[str, float]:
-    """Logical resources one trial holds while it trains: its driver and its Train workers."""
-    need = {"CPU": DRIVER_CPUS + cfg.run.num_workers * cfg.run.cpus_per_worker}
+    """Logical resources one trial holds while it trains: its driver, its Train workers and, with
+    ``data.preprocess_pool: actors``, its ranks' preprocessing pools (held for a whole epoch)."""
+    from dragonfly_platform.data import actor_pool_cpus
+
+    workers = cfg.run.num_workers * cfg.run.cpus_per_worker
+    need = {"CPU": DRIVER_CPUS + workers + actor_pool_cpus(cfg.data, cfg.run.num_workers)}
     if cfg.run.use_gpu:
         need["GPU"] = float(cfg.run.num_workers)
     return need
@@ -420,8 +424,8 @@ def derive_max_concurrent_trials(cluster: dict[str, float], configs: list[RunCon
         for resource, amount in need.items():
             if free.get(resource, 0.0) + 1e-9 < amount:
                 raise ConfigError(
-                    f"trial {cfg.run.name} needs {amount:g} {resource} ({cfg.run.num_workers} worker(s) "
-                    f"and its driver) besides {reserve:g} CPU for data tasks; the cluster "
+                    f"trial {cfg.run.name} needs {amount:g} {resource} ({cfg.run.num_workers} worker(s), "
+                    f"their preprocessing actor pools if any, and its driver) besides {reserve:g} CPU for data tasks; the cluster "
                     f"has {cluster.get(resource, 0):g} now: lower run.num_workers / run.cpus_per_worker / "
                     "data.preprocess_num_cpus, or, on a cluster that autoscales, set max_concurrent_trials to "
                     "the number that fits its largest size"

@@ -186,27 +186,44 @@ def _warn_of_unoffered_preprocess_resources(cfg: RunConfig) -> None:
         )
 
 
-def _warn_of_actor_pools_that_cannot_all_start(cfg: RunConfig) -> None:
-    """With ``data.preprocess_pool: actors``, every rank's pool must start beside the train
-    workers; on a cluster too small for that (and no autoscaler to grow it) the ranks hang."""
-    import ray
-
+def actor_pool_room(cfg: RunConfig, nodes: list[dict[str, float]]) -> tuple[float, float]:
+    """``(needed, available)`` CPUs for ``data.preprocess_pool: actors``: every rank's training pool
+    at once, a validation task beside them (validation runs on tasks, mid-epoch, while the pools keep
+    their CPUs) and, where they share nodes, the train workers; against the CPUs of the alive nodes
+    the pools may use (``nodes``: each node's resources). With ``preprocess_resources`` the pools
+    go to the nodes that offer them (the CPU group) and the workers elsewhere; label selectors are
+    not evaluated (every node counts)."""
     from dragonfly_platform.data import actor_pool_cpus
 
-    pools = actor_pool_cpus(cfg.data, cfg.run.num_workers)
-    workers = cfg.run.num_workers * cfg.run.cpus_per_worker
-    cpus = ray.cluster_resources().get("CPU", 0.0) if ray.is_initialized() else None
-    if pools and cpus is not None and workers + pools > cpus:
+    needed = actor_pool_cpus(cfg.data, cfg.run.num_workers)
+    if cfg.data.val_manifest:
+        needed += cfg.data.preprocess_num_cpus
+    placement = cfg.data.preprocess_resources
+    if placement:
+        nodes = [n for n in nodes if all(n.get(name, 0.0) > 0 for name in placement)]
+    else:
+        needed += cfg.run.num_workers * cfg.run.cpus_per_worker
+    return needed, sum(n.get("CPU", 0.0) for n in nodes)
+
+
+def _warn_of_actor_pools_that_cannot_all_start(cfg: RunConfig) -> None:
+    """Ranks whose actor pools cannot all start hang at their first collective, with no error."""
+    import ray
+
+    if not cfg.data.uses_actor_pool("train") or not ray.is_initialized():
+        return
+    needed, available = actor_pool_room(cfg, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    if needed > available:
         log.warning(
-            "the preprocessing actor pools need %g CPUs at once (%d ranks x %d actors x %g CPUs) beside "
-            "the train workers' %g, and this cluster has %g: unless the autoscaler adds nodes, the ranks "
-            "will wait on each other forever. Set data.preprocess_pool=tasks, or fewer or smaller actors",
-            pools,
+            "data.preprocess_pool=actors needs %g CPUs at once (%d ranks x %d actors x %g CPUs, a "
+            "validation task, and the train workers where they share nodes), and the nodes the pools "
+            "may use have %g: unless the autoscaler adds nodes, the ranks will wait on each other "
+            "forever. Set data.preprocess_pool=tasks, or fewer or smaller actors (docs/data.md)",
+            needed,
             cfg.run.num_workers,
-            cfg.data.preprocess_concurrency or 1,
+            cfg.data.preprocess_concurrency,
             cfg.data.preprocess_num_cpus,
-            workers,
-            cpus,
+            available,
         )
 
 

@@ -313,6 +313,20 @@ def test_manifest_round_trip(ray_cluster, demo, processor, tmp_path, pool):
     # object store, and no stage held CPU budget in front of the crops (docs/benchmarks.md).
     crop = {"tasks": "make_crop_rows", "actors": "CropRows"}[pool]
     assert f"Operator 1 MapBatches(tokenize_rows)->MapBatches(fetch_images)->MapBatches({crop})" in ds.stats()
+    # Validation runs on tasks whatever the pool: mid-epoch, the training pools keep their CPUs.
+    val_config = config.model_copy(update={"val_manifest": str(demo / "val.jsonl")})
+    val, _ = build_dataset(val_config, processor, "val")
+    assert (
+        len(
+            list(
+                iter_samples(
+                    val, zoom=ZOOM, bad_log=BadRecordLog.for_rank(val_config, str(tmp_path), "val", rank=0)
+                )
+            )
+        )
+        == 4
+    )
+    assert "MapBatches(fetch_images)->MapBatches(make_crop_rows)" in val.stats()
 
 
 def test_each_preprocessing_task_takes_exactly_rows_per_block_rows(ray_cluster, demo, processor):

@@ -73,17 +73,38 @@ def test_a_preprocess_resource_that_no_node_offers_is_named():
     )
 
 
-def test_actor_pools_hold_every_ranks_smallest_pool_at_once():
-    """What the driver compares with the cluster's CPUs: tasks hold no CPU between blocks; actor
-    pools hold theirs for the whole dataset, one pool per rank."""
-    from dragonfly_platform.data import actor_pool_cpus
+def test_actor_pools_need_room_for_every_rank_and_a_validation_task():
+    """What the driver warns about before training: ranks whose pools cannot all start hang."""
+    from dragonfly_platform.train import actor_pool_room
 
-    data = load_run_config(CONFIGS / "tiny_stage1.yaml").data  # concurrency 1, 1 CPU per task
-    assert actor_pool_cpus(data, 2) == 0.0
-    actors = data.model_copy(update={"preprocess_pool": "actors"})
-    assert actor_pool_cpus(actors, 2) == 2.0  # beside the workers' 2 x 0.5: over a 2-CPU box
-    growing = actors.model_copy(update={"preprocess_concurrency": None, "preprocess_num_cpus": 0.25})
-    assert actor_pool_cpus(growing, 4) == 1.0  # a growing pool starts from one actor
+    def with_actors(name: str, **data):
+        cfg = load_run_config(CONFIGS / name)
+        return cfg.model_copy(
+            update={"data": cfg.data.model_copy(update={"preprocess_pool": "actors", **data})}
+        )
+
+    # 2 ranks x 1 actor x 0.5 CPU + a 0.5-CPU validation task + 2 x 0.5 CPU of workers: over 2 CPUs.
+    tiny = with_actors("tiny_stage1.yaml", preprocess_num_cpus=0.5)
+    assert actor_pool_room(tiny, [{"CPU": 2.0}]) == (2.5, 2.0)
+    assert actor_pool_room(
+        tiny.model_copy(update={"data": tiny.data.model_copy(update={"val_manifest": None})}), [{"CPU": 2.0}]
+    ) == (2.0, 2.0)
+    # The pools only count the CPU group's nodes; the GPU nodes' CPUs belong to the workers.
+    stage1 = with_actors("stage1.yaml", preprocess_concurrency=2)  # 16 ranks
+    gpu, cpu = {"CPU": 180.0, "GPU": 8.0}, {"CPU": 30.0, "cpu_preprocess": 1000.0}
+    assert actor_pool_room(stage1, [gpu, gpu, cpu]) == (33.0, 30.0)
+    assert actor_pool_room(stage1, [gpu, gpu, cpu, cpu]) == (33.0, 60.0)
+    # A sweep counts each trial's pools with its workers: trials' pools cannot share CPUs.
+    from dragonfly_platform.sweep_config import DRIVER_CPUS, trial_resources
+
+    assert trial_resources(tiny)["CPU"] == DRIVER_CPUS + 2 * 0.5 + 2 * 0.5
+
+
+def test_an_actor_pool_needs_a_size():
+    from dragonfly_platform.data import DataConfig
+
+    with pytest.raises(ValueError, match="needs preprocess_concurrency"):
+        DataConfig(train_manifest="m.jsonl", preprocess_pool="actors")
 
 
 def test_paper_stage_recipes_follow_table_10():
