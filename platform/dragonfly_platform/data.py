@@ -115,9 +115,9 @@ class DataConfig(BaseModel):
     # notices a finished one and schedules the next (~110-150 ms per ~260 ms task on 2 cores).
     # "actors": a fixed pool of preprocess_concurrency long-lived actors per rank, each sent
     # preprocess_blocks_per_actor blocks ahead, so it starts the next block the moment it finishes
-    # one. Faster once running (2 cores, 2026-11-30: 72-74% of the crop engine after the first
-    # batch against 52-58%), but a pool starts anew each epoch (~4 s later to its first batch on 2 busy
-    # cores) and holds its CPUs until the epoch ends. Validation always runs on tasks: it is short,
+    # one. Faster once running (2 cores, 2026-11-30: 72-76% of the crop engine after the first
+    # batch against 52-58%), but a pool starts anew each epoch (~4 s later to its first batch on 2
+    # busy cores) and holds its CPUs until the epoch ends. Validation always runs on tasks: it is short,
     # and it runs mid-epoch, while the training pools keep their CPUs.
     preprocess_pool: Literal["tasks", "actors"] = "tasks"
     preprocess_blocks_per_actor: Annotated[int, Field(gt=0)] = 2
@@ -171,7 +171,7 @@ def unoffered_preprocess_resources(data_cfg: DataConfig, cluster_resources: dict
 def actor_pool_cpus(data_cfg: DataConfig, n_ranks: int) -> float:
     """CPUs that ``n_ranks`` ranks' training actor pools hold at once (0 with tasks). A pool keeps
     its CPUs for its epoch, so ranks whose pools cannot all start wait on each other at their first
-    collective, with no error of their own; validation tasks need a CPU beside them."""
+    collective, with no error of their own."""
     if not data_cfg.uses_actor_pool("train"):
         return 0.0
     return n_ranks * data_cfg.preprocess_concurrency * data_cfg.preprocess_num_cpus
@@ -426,7 +426,8 @@ def _crop_buffer(n: int, zoom: ZoomConfig) -> np.ndarray:
     buffer = _last_crop_buffer
     # Three references mean only ours (the global, this name, getrefcount's argument: CPython 3.11
     # and 3.12); any more is a view or an Arrow buffer of a table still alive, whose pixels must not
-    # change (the round-trip test fails if this count goes wrong).
+    # change (test_a_blocks_crop_buffer_is_reused_only_once_nothing_refers_to_it fails if this
+    # count goes wrong).
     if buffer is None or buffer.shape[1:] != shape or len(buffer) < n or sys.getrefcount(buffer) > 3:
         buffer = _last_crop_buffer = np.empty((n, *shape), dtype=np.uint8)
     return buffer[:n]

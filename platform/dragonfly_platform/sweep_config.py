@@ -425,8 +425,8 @@ def derive_max_concurrent_trials(cluster: dict[str, float], configs: list[RunCon
             if free.get(resource, 0.0) + 1e-9 < amount:
                 raise ConfigError(
                     f"trial {cfg.run.name} needs {amount:g} {resource} ({cfg.run.num_workers} worker(s), "
-                    f"their preprocessing actor pools if any, and its driver) besides {reserve:g} CPU for data tasks; the cluster "
-                    f"has {cluster.get(resource, 0):g} now: lower run.num_workers / run.cpus_per_worker / "
+                    f"their preprocessing actor pools if any, and its driver) besides {reserve:g} CPU "
+                    f"for data tasks; the cluster has {cluster.get(resource, 0):g} now: lower run.num_workers / run.cpus_per_worker / "
                     "data.preprocess_num_cpus, or, on a cluster that autoscales, set max_concurrent_trials to "
                     "the number that fits its largest size"
                 )
