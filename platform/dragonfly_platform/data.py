@@ -31,12 +31,13 @@ Row schema (pyarrow)::
 Pixels travel as a fixed-length binary field rather than a tensor column: every image row has the
 same size (13.9 MB at R=336, 41 crops), text-only rows cost nothing, the crop task writes a block's
 crops into one buffer that becomes the column, and the consumer views the bytes as the array: the
-only copies of a sample's pixels are the crop engine's write, the object store's, and the batch
-collation's.
+only copies of a sample's pixels are the crop engine's write and the object store's (and the batch
+collation's, for a batch whose images span two blocks: ``dragonfly.zoom.stack_crops``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -112,12 +113,12 @@ class DataConfig(BaseModel):
     preprocess_num_cpus: Annotated[float, Field(gt=0)] = 1.0  # per preprocessing task or actor
     # How the training split's preprocessing runs (docs/data.md). "tasks": a Ray task per block, on
     # worker processes Ray keeps warm across datasets; a core waits between tasks while Ray Data
-    # notices a finished one and schedules the next (~110-150 ms per ~260 ms task on 2 cores).
+    # notices a finished one and schedules the next (~110-150 ms per ~170 ms task on 2 cores).
     # "actors": a fixed pool of preprocess_concurrency long-lived actors per rank, each sent
     # preprocess_blocks_per_actor blocks ahead, so it starts the next block the moment it finishes
-    # one. Faster once running (2 cores, 2026-11-30: 72-76% of the crop engine after the first
-    # batch against 52-58%), but a pool starts anew each epoch (~4 s later to its first batch on 2
-    # busy cores) and holds its CPUs until the epoch ends. Validation always runs on tasks: it is short,
+    # one. Faster once running (2 cores, session 12: 65-73 samples/s after the first batch against
+    # ~46), but a pool starts anew each epoch (~5 s later to its first batch on 2 busy cores) and
+    # holds its CPUs until the epoch ends. Validation always runs on tasks: it is short,
     # and it runs mid-epoch, while the training pools keep their CPUs.
     preprocess_pool: Literal["tasks", "actors"] = "tasks"
     preprocess_blocks_per_actor: Annotated[int, Field(gt=0)] = 2
@@ -382,6 +383,7 @@ def make_crop_rows(batch: pa.Table, *, zoom: ZoomConfig) -> pa.Table:
     """
     from dragonfly.zoom import ImageError, make_crops
 
+    _keep_freed_memory()
     image_bytes = batch.column("image_bytes").to_pylist()
     rows = batch.drop_columns(["image_bytes"]).to_pylist()
     wanted = [i for i, data in enumerate(image_bytes) if data is not None and rows[i]["bad_reason"] is None]
@@ -403,6 +405,15 @@ def make_crop_rows(batch: pa.Table, *, zoom: ZoomConfig) -> pa.Table:
     )
     table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA.remove(ROW_SCHEMA.get_field_index("pixels")))
     return table.add_column(ROW_SCHEMA.get_field_index("pixels"), "pixels", pixels)
+
+
+@functools.cache
+def _keep_freed_memory() -> bool:
+    """``dragonfly.zoom.keep_freed_memory`` once per worker process that crops: the crop engine's
+    temporaries are then reused rather than faulted in anew for every image (~30% of its CPU)."""
+    from dragonfly.zoom import keep_freed_memory
+
+    return keep_freed_memory()
 
 
 _last_crop_buffer: np.ndarray | None = None
@@ -602,7 +613,7 @@ def iter_samples(
                 "local_index": columns["local_index"][i],
                 "input_ids": np.asarray(columns["input_ids"][i], np.int32),
                 "labels": np.asarray(columns["labels"][i], np.int32),
-                # No copy here: collate's stack is the one copy out of the object store.
+                # No copy here: collate views a batch of one block's rows, or copies it out.
                 "pixels": pixel_views[i].reshape(shape).transpose(0, 3, 1, 2)
                 if columns["has_image"][i]
                 else None,
@@ -624,6 +635,10 @@ def iter_train_batches(
     sequence (``dragonfly.processor.collate``): ``input_ids``, ``labels``, ``attention_mask``,
     ``has_image``, ``pixels`` (n_images, n_tiles, 3, R, R) uint8 if any, plus ``ids`` (list) and
     ``local_index`` (B,) int64. ``int(batch["local_index"].max()) + 1`` is the rank's resume ``start``.
+
+    ``pixels`` of a batch whose images come from one block is a view of that block in Ray's object
+    store (no copy; it keeps the block there while it lives). torch does not know it is read-only:
+    never write into it in place (copy it first, or move it to the device as the trainer does).
     """
     import torch
 
